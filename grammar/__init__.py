@@ -1,0 +1,1 @@
+"""The lark grammar of avdsl expressions, shipped as package data."""
