@@ -1,0 +1,359 @@
+"""Atomic, self-describing training checkpoints.
+
+A checkpoint is a directory ``run_dir/step-000123/`` holding
+
+* ``model.safetensors`` - the model weights (tensors shared between parameters are stored once),
+* ``state.pt``          - optimizer, scheduler and RNG states, step, config and counters, saved with
+                          ``torch.save`` and read with ``torch.load(weights_only=True)``, so it holds
+                          only plain containers, numbers, strings and tensors,
+* ``spec.yaml``         - the resolved spec text the model was built from,
+* ``meta.json``         - spec hash, step, wall-clock time and the latest metrics.
+
+Writing is atomic: everything goes into a temporary directory inside ``run_dir``, each file is
+fsynced, and the directory is renamed to its final name with ``os.replace``; only then is the
+``latest`` pointer file rewritten (again via a temporary file and ``os.replace``). A crash at any
+moment therefore leaves either the old set of checkpoints or the old set plus one complete new one,
+never a half-written ``step-*`` directory. A single process (rank 0) writes to a run directory.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "spec.yaml", "meta.json")
+LATEST_POINTER = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMP_PREFIX = ".tmp-"
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint does not fit the model (other spec, other parameter names or shapes)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` read besides the weights and optimizer/scheduler states."""
+
+    path: Path
+    step: int
+    config: dict
+    rng: dict
+    counters: dict = field(default_factory=dict)  # e.g. skipped_files, skipped_steps
+    baseline: dict = field(default_factory=dict)  # metrics measured before training
+    meta: dict = field(default_factory=dict)
+
+
+def step_dir_name(step: int) -> str:
+    """``step-000123`` for step 123 (zero padded so that names sort by step)."""
+    return f"step-{step:06d}"
+
+
+# ---------------------------------------------------------------- RNG state as plain containers
+
+
+def capture_rng_state() -> dict:
+    """The RNG states of torch (CPU and every CUDA device), numpy and python, as plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back the RNG states returned by :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's contents to stable storage."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _write_files(
+    folder: Path, model: torch.nn.Module, state: dict, spec_text: str, meta: dict
+) -> None:
+    """Write the four checkpoint files into ``folder`` and fsync each of them."""
+    save_model(model, str(folder / "model.safetensors"))
+    torch.save(state, folder / "state.pt")
+    _write_text(folder / "spec.yaml", spec_text)
+    _write_text(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    for name in CHECKPOINT_FILES:
+        _fsync_file(folder / name)
+
+
+def _update_latest_pointer(run_dir: Path, name: str) -> None:
+    """Atomically point ``run_dir/latest`` at checkpoint directory ``name``."""
+    temp = run_dir / f"{_TEMP_PREFIX}{LATEST_POINTER}-{os.getpid()}"
+    _write_text(temp, name + "\n")
+    _fsync_file(temp)
+    os.replace(temp, run_dir / LATEST_POINTER)
+    _fsync_dir(run_dir)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    config: dict,
+    spec_text: str,
+    spec_hash: str,
+    metrics: dict | None = None,
+    counters: dict | None = None,
+    baseline: dict | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint ``run_dir/step-{step:06d}`` atomically and return its path.
+
+    ``model`` must be the plain module (not a DDP or torch.compile wrapper). The RNG states are
+    captured here. ``keep`` (if given) prunes all but the newest ``keep`` complete checkpoints.
+    Raises :class:`CheckpointWriteError` when the disk is full (or any OS error hits the write); the
+    partial temporary directory is removed and earlier checkpoints stay as they were.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    final = run_dir / name
+    temp = run_dir / f"{_TEMP_PREFIX}{name}-{os.getpid()}"
+    state = {
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "config": dict(config),
+        "counters": dict(counters or {}),
+        "baseline": dict(baseline or {}),
+    }
+    meta = {
+        "spec_hash": spec_hash,
+        "step": int(step),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "unix_time": time.time(),
+        "metrics": dict(metrics or {}),
+    }
+    previous = find_latest(run_dir)
+    try:
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+        _write_files(temp, model, state, spec_text, meta)
+        _fsync_dir(temp)
+        if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
+            stale = run_dir / f"{_TEMP_PREFIX}old-{name}-{os.getpid()}"
+            os.replace(final, stale)
+            os.replace(temp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(temp, final)
+        _fsync_dir(run_dir)
+        _update_latest_pointer(run_dir, name)
+    except OSError as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+        if error.errno == errno.ENOSPC:
+            raise CheckpointWriteError(
+                f"out of disk space while writing checkpoint {name} in {run_dir}; {kept}. "
+                "Free some space (or lower keep_checkpoints) and resume."
+            ) from error
+        raise CheckpointWriteError(
+            f"could not write checkpoint {name} in {run_dir} ({error}); {kept}."
+        ) from error
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints, and leftover temporary entries.
+
+    Leftover temporary entries come from a writer that died mid-write; since only one process
+    writes to a run directory and this runs after that process finished its own write, any that
+    remain are stale. Returns the removed checkpoint directories.
+    """
+    run_dir = Path(run_dir)
+    complete = list_checkpoints(run_dir)
+    removed = complete[: max(0, len(complete) - keep)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    for entry in run_dir.glob(f"{_TEMP_PREFIX}*"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return removed
+
+
+# ---------------------------------------------------------------- finding
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds all checkpoint files and a readable meta.json."""
+    path = Path(path)
+    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    try:
+        json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories of ``run_dir``, oldest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in run_dir.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` (highest step), or None.
+
+    Temporary and partial directories are ignored. The directory scan decides rather than the
+    ``latest`` pointer, so a crash between the rename and the pointer update still finds the newest.
+    """
+    complete = list_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The meta.json of checkpoint ``path``."""
+    return json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+
+
+def _check_shapes(path: Path, model: torch.nn.Module) -> None:
+    """Refuse a weights file whose tensor names or shapes do not fit ``model``."""
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    wrong = [
+        f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}"
+        for key, shape in sorted(stored.items())
+        if key in expected and expected[key] != shape
+    ]
+    if wrong:
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not fit the model; parameter shapes differ:\n  "
+            + "\n  ".join(wrong)
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    spec_hash: str | None = None,
+) -> LoadedCheckpoint:
+    """Load weights (and optimizer/scheduler states when given) from checkpoint ``path``.
+
+    Refuses with :class:`CheckpointMismatch` a checkpoint written for another spec (when
+    ``spec_hash`` is given), or whose parameter names or shapes differ from ``model``'s. RNG states
+    are returned, not applied: call :func:`restore_rng_state` with ``loaded.rng`` to continue a run.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (missing files)")
+    meta = read_meta(path)
+    stored_hash = meta.get("spec_hash")
+    if spec_hash is not None and stored_hash != spec_hash:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was written for spec hash {stored_hash}, but this model was built "
+            f"from spec hash {spec_hash}. Use the spec saved with the checkpoint "
+            f"({path / 'spec.yaml'}) to continue it, or start a fresh run directory "
+            "(without resume) to train the changed spec."
+        )
+    _check_shapes(path, model)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not fit the model; "
+            f"missing from checkpoint: {sorted(missing)}; not in model: {sorted(unexpected)}"
+        )
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return LoadedCheckpoint(
+        path=path,
+        step=int(state["step"]),
+        config=state.get("config", {}),
+        rng=state["rng"],
+        counters=state.get("counters", {}),
+        baseline=state.get("baseline", {}),
+        meta=meta,
+    )

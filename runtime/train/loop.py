@@ -1,0 +1,332 @@
+"""The training loop: AdamW + warmup/cosine, clipping, bf16, checkpoints, evaluation, DDP.
+
+``train`` takes a contract-following model (see ``avdsl.runtime.contracts``) and two data sets of
+per-item dicts (items may be None: an unreadable file, counted as skipped). It is resumable to the
+bit: each step's batch is a pure function of (seed, step, rank) (see ``sampling``), and checkpoints
+hold the optimizer, scheduler and RNG states, so a resumed run continues exactly as the
+uninterrupted run would have.
+
+Weight decay applies to matrices only: parameters with ndim <= 1 (biases, norm scales) and those
+whose name contains "pos" or "token" (position embeddings, latent/class tokens, token embedding
+tables) are not decayed, as decaying them pulls learned positions and tokens towards zero.
+
+SIGINT and SIGTERM ask the loop to stop after the current step; it then writes a checkpoint and
+returns normally (``summary.interrupted``). A second SIGINT aborts at once without a checkpoint,
+since the state could be half updated.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
+from .config import TrainConfig
+from .evaluate import evaluate
+from .report import MetricsLog, RunSummary, summary_table, write_curves, write_summary
+from .sampling import make_step_loader
+from .schedule import make_scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped because a loss term (or the gradient norm) was NaN or infinite."""
+
+    def __init__(self, message: str, step: int, terms: list[str]):
+        super().__init__(message)
+        self.step = step
+        self.terms = terms
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decayed matrices, and undecayed biases/norms/positions/tokens (see module doc)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim <= 1 or "pos" in name or "token" in name
+        (no_decay if exempt else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
+    """"auto" -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _check_fresh_run_dir(run_dir: Path) -> None:
+    """A fresh run must not mix its checkpoints with an earlier run's."""
+    existing = list_checkpoints(run_dir)
+    if existing:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints (newest {existing[-1].name}); "
+            "pass resume to continue that run, or choose another run directory."
+        )
+
+
+def train(
+    model: torch.nn.Module,
+    train_set,
+    val_set,
+    config: TrainConfig,
+    spec_text: str,
+    spec_hash: str,
+    console: Console | None = None,
+    collate_fn: Callable | None = None,
+) -> RunSummary:
+    """Train ``model`` for ``config.steps`` optimizer steps and return the run's summary.
+
+    ``collate_fn`` turns a list of present items into a batch (default: torch's default_collate);
+    items that are None are dropped before it and counted as skipped files. When run inside a
+    process group (see ``distributed``) each process trains on its shard and only rank 0 writes.
+    Raises NonFiniteLoss (with on_nonfinite="stop"), CheckpointMismatch (resuming another spec),
+    CheckpointWriteError (disk full) and FileExistsError (fresh run in a used run directory).
+    """
+    started = time.perf_counter()
+    info = distributed.current()
+    main = info.is_main
+    console = (console or Console()) if main else None
+    run_dir = Path(config.run_dir)
+    device = resolve_device(config.device, info)
+
+    seed_everything(config.seed)
+    model.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+
+    start_step, counters, baseline, rng = 0, {"skipped_files": 0, "skipped_steps": 0}, {}, None
+    latest = find_latest(run_dir) if config.resume else None
+    if latest is not None:
+        loaded = load_checkpoint(latest, model, optimizer, scheduler, spec_hash=spec_hash)
+        start_step, baseline, rng = loaded.step, dict(loaded.baseline), loaded.rng
+        counters.update({k: int(v) for k, v in loaded.counters.items()})
+        if main:
+            console.print(f"resuming from {latest} (step {start_step})")
+    elif main:
+        if config.resume:
+            console.print(f"no checkpoint in {run_dir}; starting from step 0")
+        _check_fresh_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(info)
+
+    def run_eval() -> dict:
+        return evaluate(model, val_set, config.eval_batches, config.batch_size, collate_fn, config.precision)
+
+    if not baseline and main:
+        baseline = run_eval()
+    distributed.barrier(info)
+    if rng is not None:
+        restore_rng_state(rng)
+
+    runner = model
+    if info.distributed:
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        runner = torch.compile(runner)
+
+    log = MetricsLog(run_dir, start_step, resumed=latest is not None, enabled=main)
+    if main and latest is None:
+        log.write("eval", 0, baseline)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if config.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    global_batch = config.batch_size * info.world_size
+    loader = make_step_loader(
+        train_set, config.batch_size, config.seed, start_step, config.steps,
+        info.rank, info.world_size, config.workers, collate_fn,
+    )
+
+    def checkpoint(at_step: int, metrics: dict | None = None) -> Path | None:
+        path = None
+        if main:
+            path = save_checkpoint(
+                run_dir, at_step, model, optimizer, scheduler, config.to_dict(), spec_text,
+                spec_hash, metrics=metrics, counters=counters, baseline=baseline,
+                keep=config.keep_checkpoints,
+            )
+        distributed.barrier(info)
+        return path
+
+    step, interrupted, last_saved, last_path, metrics = start_step, False, None, latest, {}
+    window_sums: dict[str, float] = {}
+    window_steps, window_started = 0, time.perf_counter()
+    loop_started = time.perf_counter()
+    progress = _progress(console) if main else None
+    task = progress.add_task("train", total=config.steps, completed=start_step, info="") if main else None
+    try:
+        with StopRequest() as stop, (progress or contextlib.nullcontext()):
+            for batch, skipped in loader:
+                values, bad = {}, []
+                if batch is not None:
+                    batch = _to_device(batch, device)
+                    with autocast:
+                        result = runner(**batch)
+                    names = list(result["losses"])
+                    stacked = torch.stack(
+                        [result["loss"].detach().float()] + [result["losses"][n].detach().float() for n in names]
+                    ).tolist()
+                    values = dict(zip(["loss"] + [f"loss/{n}" for n in names], stacked))
+                    bad = [n for n, v in zip(names, stacked[1:]) if not math.isfinite(v)]
+                    if not bad and not math.isfinite(stacked[0]):
+                        bad = ["loss"]
+                flags = distributed.all_reduce_sum(
+                    torch.tensor([float(stop.requested), float(skipped), float(batch is None), float(bool(bad))]),
+                    info,
+                ).tolist()
+                counters["skipped_files"] += int(flags[1])
+                if flags[2] == 0 and flags[3] == 0:
+                    runner_loss = result["loss"]
+                    runner_loss.backward()
+                    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                    if not math.isfinite(grad_norm):
+                        bad = ["gradient norm"]
+                        flags[3] = 1.0
+                    else:
+                        values["grad_norm"] = grad_norm
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if flags[2] or flags[3]:
+                    if flags[3] and config.on_nonfinite == "stop":
+                        where = ", ".join(repr(t) for t in bad) if bad else "a term on another process"
+                        good = find_latest(run_dir) if main else None
+                        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+                        raise NonFiniteLoss(
+                            f"non-finite loss at step {step + 1}: {where} "
+                            f"({', '.join(f'{k}={v}' for k, v in values.items()) or 'no values'}); "
+                            f"stopped without saving this state, {kept}. Lower lr, set grad_clip, "
+                            "or use on_nonfinite='skip'.",
+                            step=step + 1,
+                            terms=bad,
+                        )
+                    counters["skipped_steps"] += 1
+                    if main and flags[3]:
+                        console.print(f"[yellow]step {step + 1}: non-finite {', '.join(bad) or 'loss'}; update skipped")
+                scheduler.step()
+                step += 1
+
+                for name, value in values.items():
+                    if math.isfinite(value):
+                        window_sums[name] = window_sums.get(name, 0.0) + value
+                window_steps += 1
+                if main:
+                    shown = " ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in values.items() if k.startswith("loss/"))
+                    rate = window_steps * global_batch / max(1e-9, time.perf_counter() - window_started)
+                    progress.update(task, completed=step, info=f"{shown}  {rate:.0f} samples/s")
+                if config.log_every and step % config.log_every == 0:
+                    elapsed = max(1e-9, time.perf_counter() - window_started)
+                    record = {k: v / window_steps for k, v in window_sums.items()}
+                    record.update(lr=scheduler.get_last_lr()[0], samples_per_s=window_steps * global_batch / elapsed,
+                                  skipped_files=counters["skipped_files"], skipped_steps=counters["skipped_steps"])
+                    log.write("train", step, record)
+                    window_sums, window_steps, window_started = {}, 0, time.perf_counter()
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    if main:
+                        metrics = run_eval()
+                        log.write("eval", step, metrics)
+                    distributed.barrier(info)
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    last_path, last_saved = checkpoint(step, metrics), step
+                if flags[0]:
+                    interrupted = True
+                    break
+            loop_seconds = time.perf_counter() - loop_started
+            if not interrupted and main:
+                metrics = run_eval()
+                log.write("eval", step, metrics)
+            distributed.barrier(info)
+            if last_saved != step:
+                last_path = checkpoint(step, metrics)
+    finally:
+        log.close()
+        del loader
+
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        steps=step,
+        start_step=start_step,
+        target_steps=config.steps,
+        wall_time_s=time.perf_counter() - started,
+        samples_per_s=(step - start_step) * global_batch / max(1e-9, loop_seconds),
+        baseline=baseline,
+        final=metrics,
+        skipped_files=counters["skipped_files"],
+        skipped_steps=counters["skipped_steps"],
+        interrupted=interrupted,
+        last_checkpoint=str(last_path) if last_path else None,
+    )
+    if main:
+        write_summary(summary, run_dir / "summary.json")
+        write_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        console.print(summary_table(summary))
+        if interrupted:
+            console.print(f"[yellow]interrupted at step {step}; resume with the same run directory")
+    return summary
