@@ -1,0 +1,161 @@
+"""The graph IR: typed operation nodes in a networkx DiGraph whose edges carry named tensors.
+
+Nodes are small frozen dataclasses, one class per kind of operation. A node reads tensors (by name)
+and writes tensors (by name); an edge u -> v with attribute ``tensor`` says v reads what u wrote.
+Passes (shapes, cost, lint, diff) are pure functions of a `Graph`; the compiler turns it into code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from . import expr as ex
+from .diagnostics import Loc
+from .routing import PassPlan
+from .spec import EncoderDecl, InputDecl, Spec
+
+
+@dataclass(frozen=True, kw_only=True)
+class Node:
+    id: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    loc: Loc
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.removesuffix("Node").lower()
+
+    @property
+    def component(self) -> str:
+        """The spec component this node belongs to (for per-component parameter counts)."""
+        return self.id.split("/")[0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputNode(Node):
+    decl: InputDecl
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeNode(Node):
+    stream: str
+    op: str
+    args: dict
+
+
+@dataclass(frozen=True, kw_only=True)
+class PositionNode(Node):
+    stream: str
+    op: str
+    args: dict
+
+
+@dataclass(frozen=True, kw_only=True)
+class TypeEmbedNode(Node):
+    stream: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentNode(Node):
+    """Learned tokens: fusion/bottleneck latents (a stream of their own) or CLS tokens prepended."""
+
+    stream: str
+    count: int
+    prepend: bool = False  # True: prepended to the stream's tokens (CLS / aggregation)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropNode(Node):
+    """Token dropping: ``droptoken`` (training only) or ``random_mask`` (MAE; also writes the mask)."""
+
+    stream: str
+    op: str
+    rate: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class FromNode(Node):
+    """A stream continuing from an encoder output (projected linearly when the widths differ)."""
+
+    stream: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreNode(Node):
+    """Put masked-out positions back (as a learned mask token) in their original order."""
+
+    stream: str
+    masked: str  # the stream whose mask is undone
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderNode(Node):
+    """A transformer stack over several streams, with its routing resolved per pass and layer."""
+
+    decl: EncoderDecl
+    plans: dict  # pass name ("" when none) -> PassPlan
+    streams: tuple[str, ...]  # stream order of ``inputs`` (then memory)
+    memory: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallNode(Node):
+    """An operator from the catalogue (pooling, projection, target, loss)."""
+
+    op: str
+    args: dict  # non-tensor arguments, bound
+    tensor_params: tuple[str, ...]  # which parameter each input tensor feeds (variadic params repeat)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossNode(Node):
+    """A named loss: a weighted sum of loss-operator results."""
+
+    name: str
+    weights: tuple[float, ...]  # one per input
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple  # ints and symbol names
+    dtype: str = "float"
+    grid: tuple | None = None  # token grid (time, height, width ...) for positional encodings
+    train_only_shape: tuple | None = None  # with droptoken: the eval-time shape differs
+
+
+@dataclass
+class Graph:
+    """The dataflow graph of one spec."""
+
+    spec: Spec
+    g: nx.DiGraph = field(default_factory=nx.DiGraph)
+    producer: dict = field(default_factory=dict)  # tensor name -> node id
+    tensors: dict = field(default_factory=dict)  # tensor name -> TensorInfo (filled by the shape pass)
+    outputs: dict = field(default_factory=dict)  # output name -> tensor name
+    losses: dict = field(default_factory=dict)  # loss name -> tensor name
+
+    def add(self, node: Node) -> Node:
+        self.g.add_node(node.id, node=node)
+        for t in node.outputs:
+            self.producer[t] = node.id
+        return node
+
+    def connect(self) -> None:
+        """Add an edge for every tensor a node reads (call after all nodes are added)."""
+        for nid in list(self.g.nodes):
+            for t in self.node(nid).inputs:
+                if t in self.producer:
+                    self.g.add_edge(self.producer[t], nid, tensor=t)
+
+    def node(self, nid: str) -> Node:
+        return self.g.nodes[nid]["node"]
+
+    def nodes(self) -> list[Node]:
+        """Nodes in a deterministic topological order (the order the generated code runs them)."""
+        order = {nid: i for i, nid in enumerate(self.g.nodes)}
+        return [self.node(n) for n in nx.lexicographical_topological_sort(self.g, key=lambda n: order[n])]
+
+    def of_type(self, cls) -> list:
+        return [n for n in self.nodes() if isinstance(n, cls)]

@@ -1,0 +1,356 @@
+"""Loading a spec: YAML text -> plain data with a source position for every key and value.
+
+Safe by construction: PyYAML's *composer* (no object construction, no tags that build Python objects),
+duplicate keys refused, alias expansion and nesting depth bounded. ``extends:`` merges a base spec
+(a built-in name or a relative path) under the child, and ``--set a.b=v`` overrides apply last.
+Positions survive all of it, so later passes can point at the exact line that caused a problem.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .diagnostics import Loc, SpecError, did_you_mean
+
+Path_ = tuple  # a path into the spec: ("encoders", "backbone", "depth")
+
+MAX_NODES = 100_000  # after alias expansion
+MAX_DEPTH = 64
+MAX_BYTES = 2_000_000
+MAX_EXTENDS = 16
+SUPPORTED_VERSIONS = (1,)
+
+
+@dataclass
+class Doc:
+    """A loaded spec: plain data plus where each piece came from."""
+
+    data: dict
+    locs: dict = field(default_factory=dict)  # path -> Loc of the value
+    key_locs: dict = field(default_factory=dict)  # path -> Loc of the mapping key
+    sources: dict = field(default_factory=dict)  # file -> text (for rendering diagnostics)
+    file: str = "<spec>"
+
+    def loc(self, *path) -> Loc:
+        """The position of ``path``; falls back to the nearest enclosing node that has one."""
+        path = tuple(path)
+        while path:
+            if path in self.locs:
+                return self.locs[path]
+            path = path[:-1]
+        return self.locs.get((), Loc(self.file, 1, 1))
+
+    def key_loc(self, *path) -> Loc:
+        path = tuple(path)
+        return self.key_locs.get(path) or self.loc(*path)
+
+    def get(self, *path, default=None):
+        node = self.data
+        for part in path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                return default
+        return node
+
+    def resolved_text(self) -> str:
+        """The fully merged spec as YAML: what a checkpoint stores and what the hash covers."""
+        return yaml.safe_dump(self.data, sort_keys=False, default_flow_style=None, width=100)
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.resolved_text().encode()).hexdigest()[:16]
+
+
+def builtin_specs_dir() -> Path:
+    return Path(str(resources.files("avdsl.specs")))
+
+
+def builtin_names() -> list[str]:
+    root = builtin_specs_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_spec_path(name_or_path: str, base: Path | None = None) -> Path | None:
+    """A path to a spec file: an existing path, or a built-in name like ``zorro`` or ``tiny/zorro``."""
+    candidate = Path(name_or_path)
+    if base is not None and not candidate.is_absolute():
+        candidate = base / candidate
+    if candidate.is_file():
+        return candidate
+    if not name_or_path.endswith((".yaml", ".yml")):
+        builtin = builtin_specs_dir() / f"{name_or_path}.yaml"
+        if builtin.is_file():
+            return builtin
+    return None
+
+
+# ----------------------------------------------------------------------------------------- parsing
+
+
+def _loc(mark, file: str) -> Loc:
+    return Loc(file, mark.line + 1, mark.column + 1)
+
+
+class _Converter:
+    """Turns a composed YAML node tree into plain data, recording positions, with bounds."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.count = 0
+        self.locs: dict = {}
+        self.key_locs: dict = {}
+
+    def convert(self, node, path: tuple, depth: int):
+        self.count += 1
+        here = _loc(node.start_mark, self.file)
+        if self.count > MAX_NODES:
+            raise SpecError(here, f"the spec expands to more than {MAX_NODES} YAML nodes",
+                            "this usually comes from nested aliases (&anchor / *alias); write the values out")
+        if depth > MAX_DEPTH:
+            raise SpecError(here, f"the spec nests deeper than {MAX_DEPTH} levels",
+                            "flatten the structure; avdsl specs need only a few levels")
+        if isinstance(node, yaml.ScalarNode) and node.style in ('"', "'"):
+            here = here.shifted(1)  # point at the text, not the quote
+        elif isinstance(node, yaml.ScalarNode) and node.style in ("|", ">"):
+            here = Loc(self.file, here.line + 1, here.column + 2)  # first line of a block scalar
+        self.locs[path] = here
+        if isinstance(node, yaml.MappingNode):
+            out: dict = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise SpecError(_loc(key_node.start_mark, self.file), "a mapping key must be a plain name",
+                                    "write keys as simple words, e.g. `depth: 12`")
+                key = _scalar(key_node, self.file)
+                if isinstance(key, bool) or key is None:
+                    key = key_node.value  # `on:`/`yes:` stay strings; a key is a name
+                if key in out:
+                    raise SpecError(_loc(key_node.start_mark, self.file), f"duplicate key '{key}'",
+                                    f"'{key}' is already set at line {self.key_locs[path + (key,)].line}; keep one")
+                self.key_locs[path + (key,)] = _loc(key_node.start_mark, self.file)
+                out[key] = self.convert(value_node, path + (key,), depth + 1)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
+        return _scalar(node, self.file)
+
+
+def _scalar(node, file: str):
+    """Resolve a scalar with the safe loader's rules; refuse tags that would construct objects."""
+    tag = node.tag or ""
+    if tag.startswith("tag:yaml.org,2002:"):
+        kind = tag.rsplit(":", 1)[1]
+        if kind in ("int", "float", "bool", "null"):
+            return yaml.SafeLoader("").construct_object(node)
+        return str(node.value)  # str, and timestamps/binary kept as their text
+    raise SpecError(_loc(node.start_mark, file), f"the YAML tag '{tag}' is not allowed in a spec",
+                    "remove the tag; specs hold plain strings, numbers, lists and mappings")
+
+
+def parse_yaml(text: str, file: str) -> Doc:
+    """Parse one YAML document into a `Doc`. Raises `SpecError` for anything malformed."""
+    if len(text) > MAX_BYTES:
+        raise SpecError(Loc(file, 1, 1), f"the spec is larger than {MAX_BYTES // 1000} kB",
+                        "specs are short; is this the right file?")
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise SpecError(Loc(file, line, 1), "the file contains a NUL byte: it is not a text spec",
+                        "pass a .yaml spec file")
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        loc = _loc(mark, file) if mark else Loc(file, 1, 1)
+        what = (err.problem or str(err)).strip()
+        raise SpecError(loc, f"this is not valid YAML: {what}", _yaml_hint(what)) from None
+    except yaml.YAMLError as err:
+        raise SpecError(Loc(file, 1, 1), f"this is not valid YAML: {err}", "check indentation and quoting") from None
+    except RecursionError:
+        raise SpecError(Loc(file, 1, 1), "the spec nests too deeply to read",
+                        f"keep nesting under {MAX_DEPTH} levels") from None
+    nodes = [n for n in nodes if n is not None]
+    if not nodes:
+        raise SpecError(Loc(file, 1, 1), "the spec is empty",
+                        "start from a built-in spec: `avdsl build zorro`, or write `avdsl: 1` and `extends: zorro`")
+    if len(nodes) > 1:
+        raise SpecError(_loc(nodes[1].start_mark, file), "the file holds more than one YAML document",
+                        "keep one spec per file (remove the `---` separator)")
+    if not isinstance(nodes[0], yaml.MappingNode):
+        raise SpecError(_loc(nodes[0].start_mark, file), "the top level of a spec must be a mapping of keys",
+                        "start with `avdsl: 1` and then keys like `streams:`, `encoders:`")
+    conv = _Converter(file)
+    try:
+        data = conv.convert(nodes[0], (), 0)
+    except RecursionError:
+        raise SpecError(Loc(file, 1, 1), "the spec nests too deeply to read",
+                        f"keep nesting under {MAX_DEPTH} levels") from None
+    return Doc(data, conv.locs, conv.key_locs, {file: text}, file)
+
+
+def _yaml_hint(problem: str) -> str:
+    if "tab" in problem:
+        return "YAML indentation uses spaces, not tabs"
+    if "mapping values are not allowed" in problem:
+        return "a value containing ': ' must be quoted, or a key is mis-indented"
+    if "found undefined alias" in problem:
+        return "an alias (*name) refers to an anchor (&name) that is not defined above it"
+    if "expected <block end>" in problem or "did not find expected" in problem:
+        return "check the indentation of this line against the lines above it"
+    return "check indentation, quoting and brackets near this position"
+
+
+def read_text(path: Path, shown: str) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise SpecError(Loc(shown, 1, 1), f"cannot read the spec: {err.strerror or err}",
+                        "check the path; built-in specs are: " + ", ".join(builtin_names())) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        text = raw[: err.start].decode("utf-8", errors="replace")
+        line = text.count("\n") + 1
+        col = len(text.rsplit("\n", 1)[-1]) + 1
+        raise SpecError(Loc(shown, line, col), "the spec is not UTF-8 text (a binary file?)",
+                        "save the spec as UTF-8") from None
+
+
+# ------------------------------------------------------------------------------ extends and --set
+
+
+def _merge(base: Doc, child: Doc, path: tuple = ()) -> None:
+    """Merge ``child`` into ``base`` in place: mappings merge key by key, anything else replaces."""
+    b = base.get(*path) if path else base.data
+    c = child.get(*path) if path else child.data
+    if path == ("inputs",):
+        # an input's key is `name[dims]`: a child's `fbank[B, 64, 32]` replaces the base's `fbank[...]`
+        for key in c:
+            for old in [k for k in b if _input_name(k) == _input_name(key) and k != key]:
+                del b[old]
+    for key, value in c.items():
+        sub = path + (key,)
+        if isinstance(value, dict) and isinstance(b.get(key), dict):
+            _merge(base, child, sub)
+            continue
+        b[key] = value
+        for table in ("locs", "key_locs"):
+            mine, theirs = getattr(base, table), getattr(child, table)
+            for p in [p for p in mine if p[: len(sub)] == sub]:
+                del mine[p]
+            mine.update({p: l for p, l in theirs.items() if p[: len(sub)] == sub})
+
+
+def _input_name(key) -> str:
+    return str(key).split("[", 1)[0].strip()
+
+
+def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
+    """Load a spec by path or built-in name, follow ``extends:``, then apply ``--set`` overrides."""
+    path = resolve_spec_path(path_or_name)
+    if path is None:
+        hint = did_you_mean(path_or_name, builtin_names(), "a spec file or built-in spec")
+        raise SpecError(Loc(str(path_or_name), 1, 1), f"no spec file or built-in spec named '{path_or_name}'", hint)
+    root_dir = path.resolve().parent
+    doc = _load_chain(path, [], root_dir)
+    for item in overrides:
+        apply_override(doc, item)
+    doc.data.pop("extends", None)
+    return doc
+
+
+def load_text(text: str, file: str = "<spec>", overrides: list[str] = ()) -> Doc:
+    """Load a spec from text (tests, editors). ``extends`` resolves against the working directory."""
+    doc = parse_yaml(text, file)
+    doc = _with_base(doc, Path.cwd(), [file], Path.cwd().resolve())
+    for item in overrides:
+        apply_override(doc, item)
+    doc.data.pop("extends", None)
+    return doc
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _load_chain(path: Path, seen: list[str], root_dir: Path) -> Doc:
+    shown = _shown(path)
+    doc = parse_yaml(read_text(path, shown), shown)
+    return _with_base(doc, path.parent, seen + [str(path.resolve())], root_dir)
+
+
+def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
+    """If ``doc`` extends another spec, load that one and merge ``doc`` over it."""
+    parent = doc.data.get("extends")
+    if parent is None:
+        return doc
+    loc = doc.loc("extends")
+    if not isinstance(parent, str) or not parent:
+        raise SpecError(loc, "`extends` must name one spec", "e.g. `extends: zorro` or `extends: ./base.yaml`")
+    if len(seen) > MAX_EXTENDS:
+        raise SpecError(loc, f"`extends` chains more than {MAX_EXTENDS} specs", "shorten the chain")
+    is_path = parent.endswith((".yaml", ".yml")) or "/" in parent and (here / parent).is_file()
+    target = (here / parent) if is_path else resolve_spec_path(parent)
+    if target is None or not target.is_file():
+        hint = did_you_mean(parent, builtin_names(), "a built-in spec")
+        raise SpecError(loc, f"`extends: {parent}` names no spec file or built-in spec", hint)
+    real = target.resolve()
+    allowed = [root_dir, builtin_specs_dir().resolve()]
+    if is_path and not any(real.is_relative_to(a) for a in allowed):
+        raise SpecError(loc, f"`extends: {parent}` reaches outside the spec's folder",
+                        "extend a built-in spec by name, or a file in this spec's folder or below it")
+    if str(real) in seen:
+        chain = " -> ".join(Path(s).name for s in seen + [str(real)])
+        raise SpecError(loc, f"`extends` forms a loop: {chain}", "remove one of the `extends` lines")
+    base = _load_chain(real, seen, root_dir)
+    base.sources.update(doc.sources)
+    base.data.pop("extends", None)
+    _merge(base, doc)
+    base.file = doc.file
+    base.locs[()] = doc.locs.get((), Loc(doc.file, 1, 1))
+    return base
+
+
+def apply_override(doc: Doc, item: str) -> None:
+    """Apply one ``--set key.path=value``; the value is read as a YAML scalar or flow collection."""
+    where = Loc("<--set>", 1, 1)
+    if "=" not in item:
+        raise SpecError(where, f"`--set {item}` has no '='", "write `--set encoders.backbone.depth=6`")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise SpecError(where, f"`--set {item}`: '{key}' is not a dotted key path", "e.g. `--set vars.fusion_layer=4`")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = doc.data
+    path: tuple = ()
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise SpecError(where, f"`--set {key}`: '{part}' is not an index of the list at '{'.'.join(map(str, path))}'",
+                                f"use an index from 0 to {len(node) - 1}")
+            part = int(part) % len(node)
+        elif isinstance(node, dict):
+            if not last and part not in node:
+                hint = did_you_mean(part, node.keys(), "a key")
+                raise SpecError(where, f"`--set {key}`: '{part}' is not in the spec at '{'.'.join(map(str, path)) or 'top level'}'", hint)
+        else:
+            raise SpecError(where, f"`--set {key}`: '{'.'.join(map(str, path))}' is a value, not a mapping",
+                            "set the value itself")
+        path = path + (part,)
+        if last:
+            node[part] = value
+            doc.locs = {p: l for p, l in doc.locs.items() if p[: len(path)] != path}
+            doc.locs[path] = Loc("<--set>", 1, len(key) + 2)
+        else:
+            node = node[part]

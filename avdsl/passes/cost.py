@@ -1,0 +1,199 @@
+"""Parameter and FLOP accounting, from shapes alone (no weights are built).
+
+Parameters are counted per node and grouped by spec component; frozen parameters (fixed sin-cos
+tables, frozen embeddings) are counted separately. FLOPs are for one forward pass of one sample
+(2 per multiply-add) and count only the attention pairs the routing allows, so the number is the
+work the planned attention actually does. Tests check the counts against the built PyTorch modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .. import ops
+from ..ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, LatentNode, PositionNode, RestoreNode,
+                  TokenizeNode, TypeEmbedNode)
+from .shapes import weight_sets
+
+
+@dataclass
+class Cost:
+    params: dict = field(default_factory=dict)  # node id -> trainable + frozen parameters
+    frozen: dict = field(default_factory=dict)  # node id -> frozen parameters
+    flops: dict = field(default_factory=dict)  # node id -> forward FLOPs per sample
+    attention_flops: dict = field(default_factory=dict)  # "encoder/pass/layer/query" -> FLOPs per sample
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_frozen(self) -> int:
+        return sum(self.frozen.values())
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def _n(x) -> int:
+    """A token count as a number (symbolic counts are not expected here; treat as 1)."""
+    return x if isinstance(x, int) else 1
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= _n(d)
+    return out
+
+
+def layer_params(width: int, mlp_dim: int, bias: bool, activation: str, norms: int) -> int:
+    """One pre-norm transformer layer: two LayerNorms (times ``norms`` sets), attention, feed-forward."""
+    ln = (2 if bias else 1) * width
+    attn = 4 * width * width + (4 * width if bias else 0)
+    inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
+    mlp = width * inner + mlp_dim * width + ((inner + width) if bias else 0)
+    return 2 * ln * norms + attn + mlp
+
+
+def cross_params(width: int, memory_width: int, bias: bool, norms: int) -> int:
+    ln = (2 if bias else 1) * width
+    return ln * norms + 2 * width * width + 2 * memory_width * width + (4 * width if bias else 0)
+
+
+def encoder_params(node: EncoderNode, graph: Graph) -> int:
+    enc = node.decl
+    norms = len(node.plans) if enc.norms == "per_pass" else 1
+    stream_in = dict(zip(node.streams + node.memory, node.inputs))
+    total = 0
+    for ws in weight_sets(node).values():
+        s = ws.sizes
+        total += s.depth * layer_params(s.width, s.mlp_dim, enc.bias, enc.activation, norms)
+        if enc.final_norm:
+            total += (2 if enc.bias else 1) * s.width * norms
+        for layer in range(s.depth):
+            crossing = [a for plan in node.plans.values() if layer < len(plan.layers)
+                        for a in plan.layers[layer].cross_attends() if a.weights == ws.name]
+            if crossing:
+                mem_width = graph.tensors[stream_in[crossing[0].keys[0]]].shape[-1]
+                total += cross_params(s.width, mem_width, enc.bias, norms)
+    return total
+
+
+def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
+    """Forward FLOPs per sample of an encoder as planned: projections for the tokens each weight set
+    touches, attention over allowed pairs only, and the feed-forward of every updated token."""
+    enc = node.decl
+    sets = weight_sets(node)
+    stream_in = dict(zip(node.streams + node.memory, node.inputs))
+    count = {s: _n(graph.tensors[stream_in[s]].shape[1]) for s in stream_in}
+    total = 0
+    for pname, plan in node.plans.items():
+        for li, layer in enumerate(plan.layers):
+            by_ws: dict[str, list] = {}
+            for a in layer.attends:
+                by_ws.setdefault(a.weights, []).append(a)
+            for wname, attends in by_ws.items():
+                d = sets[wname].sizes.width
+                m = sets[wname].sizes.mlp_dim
+                inner = 2 * m if enc.activation == "geglu" else m
+                selfs = [a for a in attends if not a.cross]
+                queries = {a.query for a in attends}
+                kv_tokens = {k for a in selfs for k in a.keys}
+                q_tokens = sum(count[q] for q in {a.query for a in selfs})
+                total += 2 * d * d * q_tokens + 4 * d * d * sum(count[k] for k in kv_tokens)  # Q, K, V
+                total += 2 * d * d * q_tokens  # output projection
+                for a in attends:
+                    nq = count[a.query]
+                    pairs = 0
+                    for k in a.keys:
+                        nk = count[k]
+                        pairs += nq * (nq + 1) // 2 if (a.causal and k == a.query) else nq * nk
+                    f = 4 * pairs * d
+                    if a.cross:
+                        mem = sum(count[k] for k in a.keys)
+                        mem_w = graph.tensors[stream_in[a.keys[0]]].shape[-1]
+                        f += 4 * d * d * nq + 4 * mem_w * d * mem
+                    cost.attention_flops[f"{enc.name}/{pname or '-'}/{li}/{a.query}/{wname}"] = 4 * pairs * d
+                    total += f
+                total += 2 * (d * inner + m * d) * sum(count[q] for q in queries)
+    return total
+
+
+def count(graph: Graph) -> Cost:
+    """Parameters (per node, frozen apart) and forward FLOPs per sample for the whole graph."""
+    cost = Cost()
+    t = graph.tensors
+    for node in graph.nodes():
+        p = f = frozen = 0
+        if isinstance(node, TokenizeNode):
+            a = node.args
+            x, out = t[node.inputs[0]], t[node.outputs[0]]
+            width, tokens = out.shape[2], _n(out.shape[1])
+            if node.op == "embed":
+                dim = a["dim"] or width
+                p = a["vocab"] * dim + ((dim * width + width) if a["dim"] else 0)
+                frozen = a["vocab"] * dim if a["frozen"] else 0
+                f = 2 * tokens * dim * width if a["dim"] else 0
+            else:
+                kind = graph.spec.inputs[node.inputs[0]].kind
+                channels = _n(x.shape[1]) if kind in ("image", "video") else 1
+                patch = {"patch2d": a.get("h", 1) * a.get("w", 1), "tubelet": a.get("t", 1) * a.get("h", 1) * a.get("w", 1),
+                         "wave1d": a.get("k", 1)}[node.op]
+                p = channels * patch * width + width
+                f = 2 * tokens * channels * patch * width
+        elif isinstance(node, PositionNode):
+            x = t[node.inputs[0]]
+            width = x.shape[2]
+            if node.op == "learned":
+                p = (node.args["size"] or _n(x.shape[1])) * width
+            elif node.op == "factorized":
+                p = sum(_n(g) for g in x.grid) * width + (2 * width if node.args["norm"] else 0)
+            elif node.op == "sincos2d":
+                p = frozen = _n(x.shape[1]) * width
+        elif isinstance(node, TypeEmbedNode):
+            p = t[node.inputs[0]].shape[2]
+        elif isinstance(node, LatentNode):
+            p = node.count * t[node.outputs[0]].shape[2]
+        elif isinstance(node, RestoreNode):
+            p = t[node.outputs[0]].shape[2]  # the mask token
+        elif isinstance(node, FromNode):
+            w_in, w_out = t[node.inputs[0]].shape[2], t[node.outputs[0]].shape[2]
+            if w_in != w_out:
+                p = w_in * w_out + w_out
+                f = 2 * _n(t[node.inputs[0]].shape[1]) * w_in * w_out
+        elif isinstance(node, EncoderNode):
+            p = encoder_params(node, graph)
+            f = encoder_flops(node, graph, cost)
+        elif isinstance(node, CallNode):
+            op = ops.OPS[node.op]
+            if op.n_params is not None:
+                bound = dict(node.args)
+                bound["x"] = t[node.inputs[0]].shape
+                p = op.n_params(bound)
+                rows = _prod(t[node.inputs[0]].shape[1:-1]) or 1
+                f = 2 * rows * p
+        cost.params[node.id] = p
+        cost.frozen[node.id] = frozen
+        cost.flops[node.id] = f
+    return cost
+
+
+def by_component(graph: Graph, cost: Cost) -> dict[str, int]:
+    """Parameters grouped by what a reader recognises: each stream's embedding, each encoder, each output."""
+    out: dict[str, int] = {}
+    for nid, p in cost.params.items():
+        node = graph.node(nid)
+        key = node.component
+        if key.startswith("out."):
+            key = "outputs." + key[4:].split("~")[0]
+        elif key.startswith("loss."):
+            key = "losses." + key[5:].split("~")[0]
+        elif getattr(node, "stream", None) and not isinstance(node, EncoderNode):
+            key = f"streams.{node.stream}"
+        elif isinstance(node, EncoderNode):
+            key = f"encoders.{node.id}"
+        else:
+            key = f"inputs.{key}"
+        out[key] = out.get(key, 0) + p
+    return {k: v for k, v in out.items() if v}

@@ -1,0 +1,254 @@
+"""The typed spec: validated YAML data -> small dataclasses with every expression parsed.
+
+This is the front end's last step. After it, nothing looks at raw YAML again: the graph builder works
+from these dataclasses, and each carries the `Loc` its problems should be reported at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import expr as ex
+from .diagnostics import Loc, SpecError, did_you_mean
+from .loader import Doc
+from .schema import validate
+
+INPUT_KINDS = {"video": 5, "image": 4, "fbank": 3, "waveform": 2, "text": 2, "label": 1, "multilabel": 2}
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    name: str
+    dims: tuple  # ints and symbol names, batch first
+    kind: str
+    classes: int | None
+    sample_rate: int | None
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class StreamDecl:
+    name: str
+    source: str  # "input" | "from" | "latent"
+    input: str | None = None
+    from_ref: ex.Ref | None = None
+    latent: int = 0
+    tokenizer: ex.Call | None = None
+    position: ex.Call | None = None
+    type_embedding: bool = False
+    cls: int = 0
+    drop: ex.Call | None = None
+    mask: ex.Call | None = None
+    restore: str | None = None
+    width: int | None = None
+    loc: Loc = Loc("<spec>")
+    locs: dict = field(default_factory=dict, compare=False, hash=False)  # key -> Loc
+
+
+@dataclass(frozen=True)
+class RuleDecl:
+    """A routing rule as written, with the layers it covers still symbolic."""
+
+    rule: ex.Rule
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Sizes:
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+
+
+@dataclass(frozen=True)
+class EncoderDecl:
+    name: str
+    streams: tuple[str, ...]
+    memory: dict  # local name -> Ref
+    sizes: Sizes
+    weights: str  # shared | per_stream
+    stream_sizes: dict  # stream -> Sizes (per_stream overrides)
+    passes: dict  # pass name -> tuple[RuleDecl | (Use, Loc)] ; "" when the encoder has no passes
+    norms: str
+    final_norm: bool
+    bias: bool
+    norm_eps: float
+    activation: str
+    dropout: float
+    loc: Loc
+    locs: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def has_passes(self) -> bool:
+        return list(self.passes) != [""]
+
+
+@dataclass(frozen=True)
+class NamedExpr:
+    name: str
+    expr: object
+    loc: Loc
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole spec, typed. ``doc`` keeps the loaded YAML for locations and the resolved text."""
+
+    name: str
+    doc_text: str
+    vars: dict
+    dims: dict
+    inputs: dict  # name -> InputDecl
+    streams: dict  # name -> StreamDecl
+    encoders: dict  # name -> EncoderDecl
+    rule_sets: dict  # name -> list[(Rule | Use, Loc)]
+    outputs: dict  # name -> NamedExpr
+    losses: dict  # name -> NamedExpr
+    train: dict
+    source: Doc
+
+    def loc(self, *path) -> Loc:
+        return self.source.loc(*path)
+
+
+def _expr_loc(doc: Doc, *path) -> Loc:
+    return doc.loc(*path)
+
+
+def _parse_call(doc: Doc, text, *path) -> ex.Call:
+    node = ex.parse(text, "expr", doc.loc(*path))
+    if isinstance(node, ex.Ref) and len(node.parts) == 1:
+        node = ex.Call(node.parts[0], (), (), node.col)  # `learned` means `learned()`
+    if not isinstance(node, ex.Call):
+        raise SpecError(doc.loc(*path), f"expected an operator call here, e.g. `tubelet(2, 16, 16)`, got `{text}`",
+                        "write the operator name followed by its arguments in parentheses")
+    return node
+
+
+def _input(doc: Doc, key: str, kind_text) -> InputDecl:
+    """``frames[B, 3, 8, 224, 224]: video`` (the key declares the tensor, the value its kind)."""
+    loc = doc.key_loc("inputs", key)
+    decl = ex.parse(key, "decl", loc)
+    kind_loc = doc.loc("inputs", key)
+    if not isinstance(kind_text, str) or not kind_text.strip():
+        raise SpecError(kind_loc, f"input '{decl.name}' does not say what kind of data it holds",
+                        "write `NAME[dims]: KIND`, KIND one of " + ", ".join(INPUT_KINDS))
+    call = _parse_call(doc, kind_text, "inputs", key)
+    decl = ex.Decl(decl.name, decl.dims, call, decl.col, decl.dim_cols)
+    kind = call.name
+    if kind not in INPUT_KINDS:
+        raise SpecError(kind_loc.shifted(call.col), f"unknown input kind '{kind}'", did_you_mean(kind, INPUT_KINDS, "a kind"))
+    loc_kind = kind_loc
+    for dim, col in zip(decl.dims, decl.dim_cols):
+        if isinstance(dim, int) and dim < 1:
+            raise SpecError(loc.shifted(col), f"dimension {dim} of '{decl.name}' must be at least 1", "sizes are positive")
+        if isinstance(dim, int) and dim > 10_000_000:
+            raise SpecError(loc.shifted(col), f"dimension {dim} of '{decl.name}' is absurdly large", "check the number")
+    if decl.dims and not isinstance(decl.dims[0], str):
+        raise SpecError(loc.shifted(decl.dim_cols[0]), f"the first dim of '{decl.name}' is the batch and must be a name like B",
+                        f"write `{decl.name}[B, ...]`")
+    want = INPUT_KINDS[kind]
+    if len(decl.dims) != want:
+        raise SpecError(loc.shifted(decl.col), f"a {kind} input has {want} dims (batch first), '{decl.name}' declares {len(decl.dims)}",
+                        {"video": "e.g. `frames[B, 3, 8, 224, 224] : video`", "image": "e.g. `image[B, 3, 224, 224] : image`",
+                         "fbank": "e.g. `fbank[B, 1024, 128] : fbank` (time frames x mel bins)",
+                         "waveform": "e.g. `wave[B, 48000] : waveform(48000)`", "text": "e.g. `text[B, 16] : text`",
+                         "label": "e.g. `label[B] : label(10)`", "multilabel": "e.g. `labels[B, 527] : multilabel(527)`"}[kind])
+    args = [a.value for a in decl.kind.args if isinstance(a, ex.Num)]
+    classes = int(args[0]) if kind in ("label", "multilabel") and args else None
+    if kind in ("label", "multilabel") and not classes:
+        raise SpecError(loc_kind.shifted(decl.kind.col), f"a {kind} input needs its number of classes", f"e.g. `{kind}(10)`")
+    rate = int(args[0]) if kind == "waveform" and args else (16000 if kind in ("waveform", "fbank") else None)
+    return InputDecl(decl.name, decl.dims, kind, classes, rate, loc)
+
+
+def _stream(doc: Doc, name: str, data: dict) -> StreamDecl:
+    path = ("streams", name)
+    locs = {k: doc.loc(*path, k) for k in data}
+    source = "input" if "input" in data else "from" if "from" in data else "latent"
+    kw = {}
+    for key in ("tokenizer", "position", "drop", "mask"):
+        if key in data:
+            kw[key] = _parse_call(doc, data[key], *path, key)
+    if "from" in data:
+        ref = ex.parse(data["from"], "expr", doc.loc(*path, "from"))
+        if not isinstance(ref, ex.Ref) or len(ref.parts) < 2:
+            raise SpecError(doc.loc(*path, "from"), f"`from:` must name an encoder output like `encoder.stream`, got `{data['from']}`",
+                            "e.g. `from: unimodal.audio` or `from: joint.av.audio`")
+        kw["from_ref"] = ref
+    if source == "input" and "tokenizer" not in kw:
+        raise SpecError(doc.key_loc(*path), f"stream '{name}' reads input '{data['input']}' but has no tokenizer",
+                        "add e.g. `tokenizer: patch2d(16, 16)`, `tubelet(2, 16, 16)`, `wave1d(128)` or `embed(259)`")
+    return StreamDecl(name=name, source=source, input=data.get("input"), latent=int(data.get("latent", 0)),
+                      type_embedding=bool(data.get("type_embedding", False)), cls=int(data.get("cls", 0)),
+                      restore=data.get("restore"), width=data.get("width"), loc=doc.key_loc(*path), locs=locs, **kw)
+
+
+def _rules(doc: Doc, items: list, *path) -> tuple:
+    out = []
+    for i, text in enumerate(items):
+        loc = doc.loc(*path, i)
+        out.append((ex.parse(text, "rule", loc), loc))
+    return tuple(out)
+
+
+def _sizes(data: dict, base: Sizes | None = None) -> Sizes:
+    width = int(data.get("width", base.width if base else 0))
+    if "mlp_dim" in data:
+        mlp = int(data["mlp_dim"])
+    elif "mlp_ratio" in data or base is None:
+        mlp = int(round(width * float(data.get("mlp_ratio", 4))))
+    else:
+        mlp = base.mlp_dim if width == base.width else int(round(width * base.mlp_dim / base.width))
+    return Sizes(width, int(data.get("depth", base.depth if base else 1)), int(data.get("heads", base.heads if base else 1)), mlp)
+
+
+def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
+    path = ("encoders", name)
+    sizes = _sizes(data)
+    stream_sizes = {s: _sizes(o, sizes) for s, o in (data.get("sizes") or {}).items()}
+    if "passes" in data and "routing" in data:
+        raise SpecError(doc.key_loc(*path, "routing"), f"encoder '{name}' has both `routing:` and `passes:`",
+                        "with passes, give each pass its own `routing:`")
+    if "passes" in data:
+        passes = {p: _rules(doc, v["routing"], *path, "passes", p, "routing") for p, v in data["passes"].items()}
+    else:
+        if "routing" not in data:
+            raise SpecError(doc.key_loc(*path), f"encoder '{name}' has no routing rules",
+                            "add `routing:` with one rule per stream, e.g. `- audio <- audio`")
+        passes = {"": _rules(doc, data["routing"], *path, "routing")}
+    memory = {}
+    for local, text in (data.get("memory") or {}).items():
+        ref = ex.parse(text, "expr", doc.loc(*path, "memory", local))
+        if not isinstance(ref, ex.Ref) or len(ref.parts) < 2:
+            raise SpecError(doc.loc(*path, "memory", local), "memory must name an encoder output like `vision.image`",
+                            "e.g. `memory: {image: vision.image}`")
+        memory[local] = ref
+    return EncoderDecl(name=name, streams=tuple(data["streams"]), memory=memory, sizes=sizes,
+                       weights=data.get("weights", "shared"), stream_sizes=stream_sizes, passes=passes,
+                       norms=data.get("norms", "shared"), final_norm=bool(data.get("final_norm", True)),
+                       bias=bool(data.get("bias", True)), norm_eps=float(data.get("norm_eps", 1e-6)),
+                       activation=data.get("activation", "gelu"), dropout=float(data.get("dropout", 0.0)),
+                       loc=doc.key_loc(*path), locs={k: doc.loc(*path, k) for k in data})
+
+
+def from_doc(doc: Doc) -> Spec:
+    """Validate ``doc`` against the schema and parse every expression in it."""
+    validate(doc)
+    d = doc.data
+    inputs = {}
+    for key, kind in d["inputs"].items():
+        decl = _input(doc, str(key), kind)
+        if decl.name in inputs:
+            raise SpecError(decl.loc, f"input '{decl.name}' is declared twice", "give each input its own name")
+        inputs[decl.name] = decl
+    streams = {n: _stream(doc, n, s) for n, s in d["streams"].items()}
+    encoders = {n: _encoder(doc, n, e) for n, e in d["encoders"].items()}
+    rule_sets = {n: _rules(doc, r, "rule_sets", n) for n, r in (d.get("rule_sets") or {}).items()}
+    outputs = {n: NamedExpr(n, ex.parse(t, "expr", doc.loc("outputs", n)), doc.loc("outputs", n))
+               for n, t in (d.get("outputs") or {}).items()}
+    losses = {n: NamedExpr(n, ex.parse(t, "expr", doc.loc("losses", n)), doc.loc("losses", n))
+              for n, t in (d.get("losses") or {}).items()}
+    return Spec(name=d.get("name", "model"), doc_text=d.get("doc", ""), vars=dict(d.get("vars") or {}),
+                dims=dict(d.get("dims") or {}), inputs=inputs, streams=streams, encoders=encoders,
+                rule_sets=rule_sets, outputs=outputs, losses=losses, train=dict(d.get("train") or {}), source=doc)
