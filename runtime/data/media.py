@@ -104,7 +104,8 @@ def decode_frames(path: Path, count: int) -> torch.Tensor:
         else:
             raise MediaError("unknown duration")
         rate = float(stream.average_rate or 25)
-        targets = [(k + 0.5) * duration / count - 0.5 / rate for k in range(count)]
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        targets = [start + (k + 0.5) * duration / count - 0.5 / rate for k in range(count)]
         picked: list[np.ndarray] = []
         for index, frame in enumerate(container.decode(stream)):
             time = frame.time if frame.time is not None else index / rate

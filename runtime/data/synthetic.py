@@ -32,7 +32,10 @@ caption naming the factors in words ("a small red disk moves left quickly to a f
 beat"); label is c; multilabel marks c and a second class derived from the colour name.
 
 Items are deterministic functions of (seed, split, index): each item seeds its own
-``torch.Generator`` with ``((seed * 3 + split number) << 32) + index``, so splits never share a seed.
+``torch.Generator``. Torch's CPU generator (a Mersenne Twister) keeps only the low 32 bits of a seed,
+so the item seed is built within 32 bits: ``(split number << 30 | index) + seed * 0x9E3779B1`` modulo
+2**32. For one ``seed`` this is one-to-one, so the train, val and test splits never share an item
+seed; a different ``seed`` shifts the whole set by a golden-ratio stride.
 Video is rendered with torch ops directly at the declared size, and fbank inputs go through
 :func:`avdsl.runtime.audio.fbank`, the same feature path as decoded media.
 """
@@ -310,10 +313,10 @@ class SyntheticAV(Dataset):
     def __init__(self, inputs: list[InputSpec], size: int, seed: int = 0, split: str = "train"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not 0 <= seed < 2**30:
-            raise ValueError(f"seed must lie in [0, 2**30), got {seed}")
-        if not 0 <= size < 2**32:
-            raise ValueError(f"size must lie in [0, 2**32), got {size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0 <= size <= 2**30:
+            raise ValueError(f"size must lie in [0, 2**30], got {size}")
         for spec in inputs:
             check_input(spec)
         self.inputs = list(inputs)
@@ -332,7 +335,8 @@ class SyntheticAV(Dataset):
         return self.size
 
     def item_seed(self, i: int) -> int:
-        return ((self.seed * len(SPLITS) + SPLITS.index(self.split)) << 32) + i
+        """The 32-bit generator seed of item i (see the module docstring)."""
+        return ((SPLITS.index(self.split) << 30 | i) + self.seed * 0x9E3779B1) % 2**32
 
     def _start(self, i: int) -> tuple[torch.Generator, ClipFactors]:
         if not 0 <= i < self.size:
@@ -349,9 +353,12 @@ class SyntheticAV(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         generator, f = self._start(i)
-        return {spec.name: self._render(spec, f, generator) for spec in self.inputs}
+        waves: dict[tuple[int, int], torch.Tensor] = {}  # one sound per (rate, length) for all inputs
+        return {spec.name: self._render(spec, f, generator, waves) for spec in self.inputs}
 
-    def _render(self, spec: InputSpec, f: ClipFactors, generator: torch.Generator) -> torch.Tensor:
+    def _render(
+        self, spec: InputSpec, f: ClipFactors, generator: torch.Generator, waves: dict
+    ) -> torch.Tensor:
         if spec.kind == "video":
             _, frames, height, width = spec.shape
             times = (torch.arange(frames) + 0.5) * self.duration / frames
@@ -362,7 +369,10 @@ class SyntheticAV(Dataset):
             return normalise_frames(frame)[:, 0]
         if spec.kind in ("fbank", "waveform"):
             rate = spec.sample_rate or DEFAULT_SAMPLE_RATE
-            wave = render_waveform(f, audio_samples(spec), rate, self.duration, generator)
+            key = (rate, audio_samples(spec))
+            if key not in waves:
+                waves[key] = render_waveform(f, key[1], rate, self.duration, generator)
+            wave = waves[key]
             if spec.kind == "waveform":
                 return wave
             return audio.fbank(wave, rate, num_mel_bins=spec.shape[1], frames=spec.shape[0])
