@@ -1,0 +1,47 @@
+"""The pipeline in one place: path -> loaded spec -> typed spec -> graph -> shapes -> cost (-> model).
+
+Commands and tests call these functions; each step is its own module and pure function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .build import build_graph
+from .ir import Graph
+from .loader import Doc, load_file, load_text
+from .passes.cost import Cost, count
+from .passes.shapes import infer_shapes
+from .spec import Spec, from_doc
+
+
+@dataclass
+class Analysis:
+    """Everything known about a spec before any weight exists."""
+
+    doc: Doc
+    spec: Spec
+    graph: Graph
+    cost: Cost
+
+
+def analyse_doc(doc: Doc) -> Analysis:
+    spec = from_doc(doc)
+    graph = infer_shapes(build_graph(spec))
+    return Analysis(doc, spec, graph, count(graph))
+
+
+def analyse(path_or_name: str, overrides: list[str] = ()) -> Analysis:
+    """Load, validate, build the graph and infer shapes and costs. Raises `SpecError` on mistakes."""
+    return analyse_doc(load_file(path_or_name, list(overrides)))
+
+
+def analyse_text(text: str, file: str = "<spec>", overrides: list[str] = ()) -> Analysis:
+    return analyse_doc(load_text(text, file, list(overrides)))
+
+
+def build_model(path_or_name: str, overrides: list[str] = (), device=None):
+    """Analyse a spec and build its PyTorch model (imports the runtime)."""
+    from .compiler import compile_graph
+
+    analysis = analyse(path_or_name, overrides)
+    return analysis, compile_graph(analysis.graph, device)

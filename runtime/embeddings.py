@@ -1,0 +1,217 @@
+"""What turns inputs into token streams: tokenizers, positional and type embeddings, latent tokens,
+token dropping and restoring. Each module takes and returns ``[B, N, D]`` tokens (tokenizers take the
+raw input), so a compiled model is a readable chain of calls.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PatchEmbed2d(nn.Module):
+    """Non-overlapping h x w patches of an image [B, C, H, W] or spectrogram [B, T, F], projected to D."""
+
+    def __init__(self, channels: int, h: int, w: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, width, kernel_size=(h, w), stride=(h, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TubeletEmbed(nn.Module):
+    """Non-overlapping t x h x w tubelets of a video [B, C, T, H, W], projected to D."""
+
+    def __init__(self, channels: int, t: int, h: int, w: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv3d(channels, width, kernel_size=(t, h, w), stride=(t, h, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class WaveEmbed(nn.Module):
+    """Non-overlapping windows of k raw samples [B, S], projected to D (a strided Conv1d)."""
+
+    def __init__(self, k: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv1d(1, width, kernel_size=k, stride=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.unsqueeze(1)).transpose(1, 2)
+
+
+class TextEmbed(nn.Module):
+    """Token ids [B, L] -> embeddings; with ``dim``, embed at ``dim`` then project to D (VATT)."""
+
+    def __init__(self, vocab: int, width: int, dim: int = 0, frozen: bool = False):
+        super().__init__()
+        self.table = nn.Embedding(vocab, dim or width)
+        self.table.weight.requires_grad_(not frozen)
+        self.proj = nn.Linear(dim, width) if dim else nn.Identity()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(ids))
+
+
+class LearnedPosition(nn.Module):
+    """A learned embedding per position, added (``size`` rows, of which the first N are used)."""
+
+    def __init__(self, size: int, width: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, size, width))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos[:, : x.shape[1]]
+
+
+class FactorizedPosition(nn.Module):
+    """One learned table per grid axis (e.g. time 8, height 14, width 14), summed over the grid and added;
+    optionally LayerNorm-ed before adding (VATT)."""
+
+    def __init__(self, grid: tuple[int, ...], width: int, norm: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.axes = nn.ParameterList([nn.Parameter(torch.zeros(n, width)) for n in grid])
+        for p in self.axes:
+            nn.init.trunc_normal_(p, std=0.02)
+        self.norm = nn.LayerNorm(width, eps=eps) if norm else nn.Identity()
+
+    def table(self) -> torch.Tensor:
+        total = None
+        for axis, p in enumerate(self.axes):
+            shape = [1] * len(self.grid) + [p.shape[-1]]
+            shape[axis] = p.shape[0]
+            term = p.view(shape)
+            total = term if total is None else total + term
+        return total.reshape(-1, total.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.table()).unsqueeze(0)
+
+
+def sincos_2d(grid_h: int, grid_w: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions [H*W, D]: half the channels encode the row, half the column,
+    each as sin and cos of the position at geometrically spaced frequencies (MAE, CAV-MAE)."""
+    quarter = width // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1).double() * omega.reshape(1, -1)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+class SinCos2dPosition(nn.Module):
+    """Fixed 2-D sin-cos positions, kept as a frozen parameter (so checkpoints and counts include it)."""
+
+    def __init__(self, grid: tuple[int, int], width: int):
+        super().__init__()
+        self.pos = nn.Parameter(sincos_2d(grid[0], grid[1], width).unsqueeze(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos
+
+
+class TypeEmbedding(nn.Module):
+    """One learned vector added to every token of a stream (its modality type)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.type = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.trunc_normal_(self.type, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.type
+
+
+class LatentTokens(nn.Module):
+    """Learned tokens: a stream of their own (``forward(batch)``) or prepended to one (``forward(x)``)."""
+
+    def __init__(self, count: int, width: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.zeros(1, count, width))
+        nn.init.trunc_normal_(self.tokens, std=0.02)
+
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        """Tokens for the batch of ``like`` (any tensor whose first dim is the batch)."""
+        return self.tokens.expand(like.shape[0], -1, -1)
+
+    def prepend(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.forward(x), x], dim=1)
+
+
+def keep_random(x: torch.Tensor, keep: int, generator: torch.Generator | None = None):
+    """Keep ``keep`` random tokens per sample, in random order (MAE). Returns the kept tokens, the
+    mask [B, N] (1 = dropped) and ``ids_restore`` [B, N] that puts tokens back in place."""
+    b, n, d = x.shape
+    noise = torch.rand(b, n, device=x.device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+    mask = torch.ones(b, n, device=x.device, dtype=x.dtype)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return kept, mask, ids_restore
+
+
+class DropToken(nn.Module):
+    """In training, keep a random ``1 - rate`` fraction of tokens (VATT's DropToken); identity in eval."""
+
+    def __init__(self, rate: float, tokens: int):
+        super().__init__()
+        self.rate = rate
+        self.keep = int(tokens * (1 - rate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return keep_random(x, self.keep)[0]
+
+
+class RandomMask(nn.Module):
+    """MAE masking: keep a random ``1 - rate`` fraction of tokens, in training and evaluation alike
+    (a masked autoencoder always reconstructs); returns (kept, mask, ids_restore)."""
+
+    def __init__(self, rate: float, tokens: int):
+        super().__init__()
+        self.rate = rate
+        self.keep = int(tokens * (1 - rate))
+
+    def forward(self, x: torch.Tensor):
+        return keep_random(x, self.keep)
+
+
+class Restore(nn.Module):
+    """Undo `RandomMask`: append a learned mask token for every dropped position, then unshuffle."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, kept: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        b, n = ids_restore.shape
+        fill = self.mask_token.expand(b, n - kept.shape[1], -1).to(kept.dtype)
+        full = torch.cat([kept, fill], dim=1)
+        return torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
+
+
+def init_linear(module: nn.Module) -> None:
+    """ViT-style initialisation: truncated normal linear weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            w = m.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,219 @@
+"""The stream transformer: pre-norm transformer layers over several token streams, run as planned.
+
+The routing plan says, per layer, which query stream attends to which key streams with which weights.
+Execution follows the plan's block structure instead of building a dense mask:
+
+- per weight set, the LayerNorm and the Q/K/V projection run once over every stream that set touches
+  (one matmul over the concatenated tokens);
+- query streams that read the same key streams form a group: their queries are concatenated and one
+  unmasked `scaled_dot_product_attention` runs over exactly those keys (gathered once), with
+  ``is_causal`` for a causal stream reading only itself. Work is proportional to what the routing
+  allows. A boolean mask is built only where routing is finer than streams (a causal stream that
+  also reads another stream);
+- cross-attention is its own sub-layer over memory streams;
+- a stream updated under several weight sets in one layer (MBT's bottleneck) takes the mean.
+
+`dense_attention_reference` computes the same layer the slow way (one masked attention over all
+tokens) and exists for tests and benchmarks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    """The weights of one layer of one weight set. ``norm_sets`` LayerNorm pairs (one per pass when
+    passes have their own norms); attention and feed-forward weights are shared by all passes."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, *, bias: bool = True, eps: float = 1e-6,
+                 activation: str = "gelu", dropout: float = 0.0, norm_sets: tuple[str, ...] = ("",),
+                 cross_width: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.activation = activation
+        self.norm1 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+        self.norm2 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
+        inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
+        self.fc1 = nn.Linear(width, inner, bias=bias)
+        self.fc2 = nn.Linear(mlp_dim, width, bias=bias)
+        self.drop = nn.Dropout(dropout)
+        if cross_width is not None:
+            self.norm_cross = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+            self.cross_q = nn.Linear(width, width, bias=bias)
+            self.cross_kv = nn.Linear(cross_width, 2 * width, bias=bias)
+            self.cross_proj = nn.Linear(width, width, bias=bias)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.activation == "geglu":
+            a, b = h.chunk(2, dim=-1)
+            h = F.gelu(a) * b
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h)
+        return self.drop(self.fc2(h))
+
+
+def _key(pass_name: str) -> str:
+    return pass_name or "all"
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, e = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * e)
+
+
+def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int], device) -> torch.Tensor:
+    """Boolean mask [Nq, Nk] for a causal stream that also reads other streams: all of the other
+    streams, and its own tokens up to itself."""
+    nq = sizes[query]
+    cols = []
+    for k in keys:
+        if k == query:
+            cols.append(torch.ones(nq, nq, dtype=torch.bool, device=device).tril())
+        else:
+            cols.append(torch.ones(nq, sizes[k], dtype=torch.bool, device=device))
+    return torch.cat(cols, dim=1)
+
+
+class StreamTransformer(nn.Module):
+    """A transformer stack over named streams, executing a routing plan per pass.
+
+    ``plans``: {pass name: [layer -> tuple of attends]}, each attend a tuple
+    ``(query, keys, weights, causal, cross)``. ``sizes``: {weight set: (width, depth, heads, mlp_dim)}.
+    ``forward(**streams)`` returns {"stream"} or {"pass.stream"} -> tokens for every stream a pass updates.
+    """
+
+    def __init__(self, plans: dict, sizes: dict, *, memory_widths: dict | None = None, norms: str = "shared",
+                 final_norm: bool = True, bias: bool = True, eps: float = 1e-6, activation: str = "gelu",
+                 dropout: float = 0.0):
+        super().__init__()
+        self.plans = {p: [tuple(tuple(a) for a in layer) for layer in layers] for p, layers in plans.items()}
+        norm_sets = tuple(plans) if norms == "per_pass" else ("",)
+        self.norm_of = {p: _key(p if norms == "per_pass" else "") for p in plans}
+        memory_widths = memory_widths or {}
+        self.blocks = nn.ModuleDict()
+        for ws, (width, depth, heads, mlp_dim) in sizes.items():
+            layers = []
+            for li in range(depth):
+                cross = [a for layers_ in self.plans.values() if li < len(layers_) for a in layers_[li] if a[4] and a[2] == ws]
+                cross_width = memory_widths[cross[0][1][0]] if cross else None
+                layers.append(Block(width, heads, mlp_dim, bias=bias, eps=eps, activation=activation, dropout=dropout,
+                                    norm_sets=norm_sets, cross_width=cross_width))
+            self.blocks[ws] = nn.ModuleList(layers)
+        self.final = nn.ModuleDict()
+        if final_norm:
+            for ws, (width, *_rest) in sizes.items():
+                self.final[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+        # which weight set's final norm applies to a stream: the last one that updated it
+        self.final_of = {}
+        for p, layers in self.plans.items():
+            for layer in layers:
+                for (q, _k, ws, _c, _x) in layer:
+                    self.final_of[(p, q)] = ws
+
+    def forward(self, **streams: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for pname, layers in self.plans.items():
+            x = dict(streams)
+            updated: dict[str, None] = {}
+            for li, layer in enumerate(layers):
+                x = self.layer(pname, li, layer, x)
+                for a in layer:
+                    updated.setdefault(a[0])
+            nk = self.norm_of[pname]
+            for s in updated:
+                y = x[s]
+                if len(self.final):
+                    y = self.final[self.final_of[(pname, s)]][nk](y)
+                out[f"{pname}.{s}" if pname else s] = y
+        return out
+
+    def layer(self, pname: str, li: int, layer: tuple, x: dict) -> dict:
+        """One layer of one pass: every weight set's block over the streams it touches."""
+        nk = self.norm_of[pname]
+        by_ws: dict[str, list] = {}
+        for a in layer:
+            by_ws.setdefault(a[2], []).append(a)
+        updates: dict[str, list[torch.Tensor]] = {}
+        for ws, attends in by_ws.items():
+            blk = self.blocks[ws][li]
+            selfs = [a for a in attends if not a[4]]
+            crosses = [a for a in attends if a[4]]
+            queries = list(dict.fromkeys(a[0] for a in attends))
+            h = {q: x[q] for q in queries}
+            if selfs:
+                attn = self.self_attention(blk, nk, selfs, x)
+                for q, y in attn.items():
+                    h[q] = h[q] + y
+            for a in crosses:
+                h[a[0]] = h[a[0]] + self.cross_attention(blk, nk, a, h[a[0]], x)
+            # feed-forward over all of this weight set's query tokens at once
+            names = list(h)
+            sizes = [h[q].shape[1] for q in names]
+            cat = torch.cat([h[q] for q in names], dim=1) if len(names) > 1 else h[names[0]]
+            cat = cat + blk.mlp(blk.norm2[nk](cat))
+            parts = torch.split(cat, sizes, dim=1) if len(names) > 1 else (cat,)
+            for q, y in zip(names, parts):
+                updates.setdefault(q, []).append(y)
+        new = dict(x)
+        for q, ys in updates.items():
+            new[q] = ys[0] if len(ys) == 1 else torch.stack(ys, dim=0).mean(dim=0)
+        return new
+
+    def self_attention(self, blk: Block, nk: str, attends: list, x: dict) -> dict:
+        needed = list(dict.fromkeys([a[0] for a in attends] + [k for a in attends for k in a[1]]))
+        sizes = {s: x[s].shape[1] for s in needed}
+        cat = torch.cat([x[s] for s in needed], dim=1) if len(needed) > 1 else x[needed[0]]
+        qkv = blk.qkv(blk.norm1[nk](cat))
+        per = dict(zip(needed, torch.split(qkv, [sizes[s] for s in needed], dim=1))) if len(needed) > 1 else {needed[0]: qkv}
+        groups: dict[tuple, list[str]] = {}
+        for a in attends:
+            groups.setdefault((a[1], a[3]), []).append(a[0])
+        width = cat.shape[-1]
+        out = {}
+        for (keys, causal), qs in groups.items():
+            q = torch.cat([per[s][..., :width] for s in qs], dim=1) if len(qs) > 1 else per[qs[0]][..., :width]
+            kv = torch.cat([per[s][..., width:] for s in keys], dim=1) if len(keys) > 1 else per[keys[0]][..., width:]
+            k, v = kv.chunk(2, dim=-1)
+            qh, kh, vh = _heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads)
+            if causal and len(qs) == 1 and keys == (qs[0],):
+                y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+            elif causal:
+                masks = [_prefix_causal_mask(s, keys, sizes, q.device) if s in keys else
+                         torch.ones(sizes[s], sum(sizes[k_] for k_ in keys), dtype=torch.bool, device=q.device) for s in qs]
+                y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
+            else:
+                y = F.scaled_dot_product_attention(qh, kh, vh)
+            y = blk.drop(blk.proj(_merge_heads(y)))
+            parts = torch.split(y, [sizes[s] for s in qs], dim=1) if len(qs) > 1 else (y,)
+            out.update(zip(qs, parts))
+        return out
+
+    def cross_attention(self, blk: Block, nk: str, attend: tuple, h: torch.Tensor, x: dict) -> torch.Tensor:
+        memory = torch.cat([x[k] for k in attend[1]], dim=1) if len(attend[1]) > 1 else x[attend[1][0]]
+        q = blk.cross_q(blk.norm_cross[nk](h))
+        k, v = blk.cross_kv(memory).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads))
+        return blk.drop(blk.cross_proj(_merge_heads(y)))
+
+
+def dense_attention_reference(blk: Block, nk: str, streams: dict, order: tuple, mask: torch.Tensor) -> dict:
+    """Self-attention of one shared-weight layer the slow way: all tokens, one boolean mask
+    [N, N] (True = may attend). Returns the attention outputs per stream (before the residual)."""
+    sizes = [streams[s].shape[1] for s in order]
+    cat = torch.cat([streams[s] for s in order], dim=1)
+    q, k, v = blk.qkv(blk.norm1[nk](cat)).chunk(3, dim=-1)
+    y = F.scaled_dot_product_attention(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads), attn_mask=mask)
+    y = blk.proj(_merge_heads(y))
+    return dict(zip(order, torch.split(y, sizes, dim=1)))
