@@ -1,0 +1,92 @@
+"""The `avdsl` command line (typer + rich).
+
+Exit codes (the same for every command):
+  0  success (for `lint`: no findings)
+  1  the command ran and found problems (lint findings, a failed or non-finite training run)
+  2  the spec (or a command-line argument) could not be used: the message says where and why
+  130  interrupted (Ctrl-C)
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from .diagnostics import SpecError, render
+
+EXIT_OK, EXIT_FINDINGS, EXIT_BAD_SPEC, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+app = typer.Typer(
+    name="avdsl",
+    help=(
+        "Declarative audio-visual transformers: write a YAML spec of token streams, routing and losses; "
+        "avdsl validates it, infers every shape, and compiles it to PyTorch.\n\n"
+        "Examples:\n\n"
+        "  avdsl build zorro                      # summary of a built-in spec\n\n"
+        "  avdsl build specs/tiny/zorro.yaml --compile\n\n"
+        "  avdsl build zorro --set encoders.backbone.depth=6 --json\n\n"
+        "Exit codes: 0 ok, 1 findings or failed run, 2 bad spec or arguments, 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+out = Console()
+err = Console(stderr=True)
+
+
+def report(error: SpecError, sources: dict | None = None) -> None:
+    """Print one diagnostic (headline, source line with caret, hint) to stderr."""
+    text = render(error.diagnostic, sources)
+    headline, _, rest = text.partition("\n")
+    err.print(f"[bold red]error[/]: {headline}", highlight=False, markup=True, soft_wrap=True)
+    if rest:
+        err.print(rest, highlight=False, markup=False, soft_wrap=True)
+
+
+def _register() -> None:
+    from .commands import build, schema  # noqa: F401  (each module adds its command to `app`)
+
+    for name in ("train", "lint", "diff", "pictures", "bench"):
+        try:
+            __import__(f"avdsl.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"avdsl.commands.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a command; turn user mistakes into diagnostics and exit codes."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except SpecError as e:
+        report(e)
+        return EXIT_BAD_SPEC
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return EXIT_INTERRUPTED
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            e.show()
+            return EXIT_BAD_SPEC
+        if isinstance(e, click.exceptions.Abort):
+            return EXIT_INTERRUPTED
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return EXIT_OK
+
+
+def run() -> None:
+    sys.exit(main())
