@@ -117,11 +117,6 @@ def _type_hint(path: tuple, expected: list) -> str:
     return "see `avdsl schema` for what is allowed here"
 
 
-def _rank(err: jsonschema.ValidationError) -> tuple:
-    """Which error to show first: the one earliest in the file, unknown keys before the rest."""
-    return (err.validator not in ("additionalProperties",), len(err.absolute_path) * -1)
-
-
 def validate(doc: Doc) -> None:
     """Raise a `SpecError` for the first structural problem in ``doc`` (by position in the file)."""
     validator = jsonschema.Draft202012Validator(schema())
@@ -137,5 +132,13 @@ def validate(doc: Doc) -> None:
         else:
             specific.append(err)
     converted = [(_error_to_spec_error(e, doc), e) for e in specific]
-    converted.sort(key=lambda pair: (pair[0].loc.file != doc.file, pair[0].loc.line, pair[0].loc.column))
+    # a misspelled required key shows up twice (unknown + missing): the unknown key says more
+    unknown_at = {tuple(e.absolute_path) for e in specific if e.validator == "additionalProperties"}
+
+    def rank(pair):
+        error, e = pair
+        shadowed = e.validator == "required" and tuple(e.absolute_path) in unknown_at
+        return (error.loc.file != doc.file, shadowed, error.loc.line, error.loc.column)
+
+    converted.sort(key=rank)
     raise converted[0][0]
