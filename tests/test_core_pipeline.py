@@ -77,7 +77,7 @@ def test_typo_in_key_points_at_the_key(run_cli, write_spec):
     path = write_spec(TINY_BASE.replace("    depth: 2", "    dpth: 2"))
     headline, err = _error(run_cli, path)
     assert f"{path}:21:5: unknown key 'dpth'" in headline
-    assert "did you mean 'depth'?" in err
+    assert "did you mean 'depth'" in err
 
 
 def test_unknown_stream_in_routing_points_at_the_name(run_cli, write_spec):
