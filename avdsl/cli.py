@@ -58,6 +58,15 @@ def _register() -> None:
                 raise
 
 
+def _click_exceptions():
+    """The click exception classes typer raises: recent typer vendors click as ``typer._click``."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; turn user mistakes into diagnostics and exit codes."""
     _register()
@@ -74,14 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
+        click = _click_exceptions()
+        if isinstance(e, click.UsageError):
             e.show()
             return EXIT_BAD_SPEC
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, click.Abort):
             return EXIT_INTERRUPTED
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click.ClickException):
             e.show()
             return e.exit_code
         raise
