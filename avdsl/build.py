@@ -28,7 +28,7 @@ class _Names:
         self.table[name] = tensor
         self.kinds[name] = kind
 
-    def resolve(self, ref: ex.Ref, loc: Loc, wanted: str = "a tensor") -> str:
+    def resolve(self, ref: ex.Ref, loc: Loc, wanted: str = "tensor") -> str:
         if ref.name in self.table:
             return self.table[ref.name]
         hint = did_you_mean(ref.name, self.table, "")
@@ -40,6 +40,10 @@ class _Names:
         raise SpecError(loc.shifted(ref.col), f"'{ref.name}' names no {wanted} in this spec", hint)
 
 
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def _check_unique_names(spec: Spec) -> None:
     seen: dict[str, tuple[str, Loc]] = {}
     groups = [("input", spec.inputs, lambda d: d.loc), ("stream", spec.streams, lambda d: d.loc),
@@ -49,8 +53,8 @@ def _check_unique_names(spec: Spec) -> None:
         for name, decl in table.items():
             if name in seen and not (kind == "loss" and seen[name][0] != "loss" and False):
                 other_kind, other_loc = seen[name]
-                raise SpecError(where(decl), f"the name '{name}' is used by a {other_kind} (line {other_loc.line}) and a {kind}",
-                                "give each input, stream, encoder, output and loss its own name")
+                raise SpecError(where(decl), f"the name '{name}' is used by {_a(other_kind)} (line {other_loc.line}) and {_a(kind)}",
+                                "give each input, stream, encoder, output and loss its own name", code="S101")
             seen[name] = (kind, where(decl))
 
 

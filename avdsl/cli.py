@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; turn user mistakes into diagnostics and exit codes."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns a `typer.Exit` code instead of raising it
+        if isinstance(code, int) and code:
+            return code
     except SpecError as e:
         report(e)
         return EXIT_BAD_SPEC

@@ -5,7 +5,8 @@ from these dataclasses, and each carries the `Loc` its problems should be report
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
@@ -232,23 +233,60 @@ def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
                        loc=doc.key_loc(*path), locs={k: doc.loc(*path, k) for k in data})
 
 
+def number_vars(values: dict) -> dict:
+    """The vars that hold whole numbers (the others name rule sets)."""
+    return {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def with_vars(node, sizes: dict):
+    """``node`` with every bare name that is a numeric var replaced by its value, so a size is written
+    once and changed with ``--set vars.NAME=VALUE``: ``embed(vocab)``, ``linear(x, vocab)``."""
+    if isinstance(node, ex.Ref) and len(node.parts) == 1 and node.name in sizes:
+        return ex.Num(sizes[node.name], node.col)
+    if isinstance(node, ex.Call):
+        return replace(node, args=tuple(with_vars(a, sizes) for a in node.args),
+                       kwargs=tuple((k, with_vars(v, sizes)) for k, v in node.kwargs))
+    if isinstance(node, ex.ListExpr):
+        return replace(node, items=tuple(with_vars(i, sizes) for i in node.items))
+    if isinstance(node, ex.BinOp):
+        return replace(node, left=with_vars(node.left, sizes), right=with_vars(node.right, sizes))
+    if isinstance(node, ex.Neg):
+        return replace(node, operand=with_vars(node.operand, sizes))
+    return node
+
+
+def _input_with_vars(decl: InputDecl, sizes: dict) -> InputDecl:
+    """``caption[B, context]`` with ``vars: {context: 77}`` declares ``caption[B, 77]``."""
+    return replace(decl, dims=tuple(sizes.get(d, d) if isinstance(d, str) else d for d in decl.dims))
+
+
+def _stream_with_vars(s: StreamDecl, sizes: dict) -> StreamDecl:
+    calls = {k: with_vars(getattr(s, k), sizes) for k in ("tokenizer", "position", "drop", "mask") if getattr(s, k) is not None}
+    return replace(s, **calls)
+
+
 def from_doc(doc: Doc) -> Spec:
+
     """Validate ``doc`` against the schema and parse every expression in it."""
     validate(doc)
     d = doc.data
+    sizes = number_vars(d.get("vars") or {})
     inputs = {}
+
     for key, kind in d["inputs"].items():
         decl = _input(doc, str(key), kind)
         if decl.name in inputs:
-            raise SpecError(decl.loc, f"input '{decl.name}' is declared twice", "give each input its own name")
-        inputs[decl.name] = decl
-    streams = {n: _stream(doc, n, s) for n, s in d["streams"].items()}
+            raise SpecError(decl.loc, f"input '{decl.name}' is declared twice", "give each input its own name", code="S101")
+        inputs[decl.name] = _input_with_vars(decl, sizes)
+    streams = {n: _stream_with_vars(_stream(doc, n, s), sizes) for n, s in d["streams"].items()}
+
     encoders = {n: _encoder(doc, n, e) for n, e in d["encoders"].items()}
     rule_sets = {n: _rules(doc, r, "rule_sets", n) for n, r in (d.get("rule_sets") or {}).items()}
-    outputs = {n: NamedExpr(n, ex.parse(t, "expr", doc.loc("outputs", n)), doc.loc("outputs", n))
+    outputs = {n: NamedExpr(n, with_vars(ex.parse(t, "expr", doc.loc("outputs", n)), sizes), doc.loc("outputs", n))
                for n, t in (d.get("outputs") or {}).items()}
-    losses = {n: NamedExpr(n, ex.parse(t, "expr", doc.loc("losses", n)), doc.loc("losses", n))
+    losses = {n: NamedExpr(n, with_vars(ex.parse(t, "expr", doc.loc("losses", n)), sizes), doc.loc("losses", n))
               for n, t in (d.get("losses") or {}).items()}
+
     return Spec(name=d.get("name", "model"), doc_text=d.get("doc", ""), vars=dict(d.get("vars") or {}),
                 dims=dict(d.get("dims") or {}), inputs=inputs, streams=streams, encoders=encoders,
                 rule_sets=rule_sets, outputs=outputs, losses=losses, train=dict(d.get("train") or {}), source=doc)

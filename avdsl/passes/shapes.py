@@ -72,7 +72,7 @@ def _tokenize(node: TokenizeNode, x: TensorInfo, kind: str, width: int, loc) -> 
         for dim, size, name in zip(dims, sizes, names):
             if isinstance(dim, int) and dim % size:
                 raise SpecError(loc, f"{node.op} size {size} does not divide the input's {name} {dim} (input {fmt(shape)})",
-                                f"choose a size that divides {dim}, e.g. {', '.join(str(d) for d in _divisors(dim, size))}")
+                                f"choose a size that divides {dim}, e.g. {', '.join(str(d) for d in _divisors(dim, size))}", code="H302")
             grid.append(dim // size if isinstance(dim, int) else dim)
         return tuple(grid)
 
@@ -186,7 +186,8 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
     for ws in sets.values():
         if ws.sizes.width % ws.sizes.heads:
             raise SpecError(enc.locs.get("heads", enc.loc), f"width {ws.sizes.width} is not divisible by {ws.sizes.heads} heads "
-                            f"in encoder '{enc.name}'", f"use heads that divide {ws.sizes.width}, e.g. {_divisors(ws.sizes.width, ws.sizes.heads)}")
+                            f"in encoder '{enc.name}'", f"use heads that divide {ws.sizes.width}, e.g. {_divisors(ws.sizes.width, ws.sizes.heads)}",
+                            code="H301")
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
     for pname, plan in node.plans.items():
         for layer in plan.layers:

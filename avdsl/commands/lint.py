@@ -1,0 +1,78 @@
+"""`avdsl lint`: check specs for mistakes the build accepts (dead streams, leaks, shadowed rules ...)."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import List, Optional
+
+import typer
+
+from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_OK, app, err, out, report
+from ..diagnostics import render
+from ..lint import BY_CODE, RULES, lint_one, spec_targets
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.command("lint")
+def lint_command(
+    paths: Optional[List[str]] = typer.Argument(None, help="Spec files, directories of .yaml specs, or built-in names."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value in every spec: `--set vars.fusion_layer=4`."),
+    fmt: Format = typer.Option(Format.text, "--format", help="text (file:line:col: CODE message, then a hint) or json."),
+    explain: Optional[str] = typer.Option(None, "--explain", help="Print what a rule checks and why, e.g. `--explain R204`."),
+    list_rules: bool = typer.Option(False, "--list", help="List every rule: code, name, summary."),
+) -> None:
+    """Check specs for likely mistakes: streams no output depends on, outputs named for one modality
+    that see another through routing, shadowed routing rules, unused inputs, odd loss weights.
+
+    Exit code 0: no findings; 1: findings; 2: a spec could not be read.
+    Silence one finding with `# noqa: CODE` at the end of the line it points at.
+
+    Examples:
+
+      avdsl lint specs
+
+      avdsl lint zorro --format json
+
+      avdsl lint --explain R204
+    """
+    if explain is not None:
+        rule = BY_CODE.get(explain.upper())
+        if rule is None:
+            err.print(f"error: no lint rule '{explain}'; rules are " + ", ".join(BY_CODE))
+            raise typer.Exit(EXIT_BAD_SPEC)
+        out.print(f"[bold]{rule.code} {rule.name}[/] ({rule.severity})\n{rule.summary}\n\n{rule.explanation}", soft_wrap=True)
+        raise typer.Exit(EXIT_OK)
+    if list_rules:
+        for rule in RULES:
+            out.print(f"{rule.code}  {rule.name:<24} {rule.summary}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_OK)
+    if not paths:
+        err.print("error: name at least one spec, directory or built-in spec (e.g. `avdsl lint specs`)")
+        raise typer.Exit(EXIT_BAD_SPEC)
+    results = [lint_one(t, set_ or []) for t in spec_targets(paths)]
+    if fmt == Format.json:
+        print(json.dumps([{"spec": r.target, "error": r.error.diagnostic.to_json() if r.error else None,
+                           "findings": [dict(d.to_json(), rule=BY_CODE[d.code].name) for d in r.findings]}
+                          for r in results], indent=2))
+    else:
+        for r in results:
+            if r.error is not None:
+                report(r.error)
+            for d in r.findings:
+                text = render(d, r.sources)
+                head, _, rest = text.partition("\n")
+                out.print(f"[bold]{head}[/]", highlight=False, soft_wrap=True)
+                hint = [line for line in rest.splitlines() if line.startswith("hint:")]
+                for line in hint:
+                    out.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+        n = sum(len(r.findings) for r in results)
+        bad = sum(r.error is not None for r in results)
+        out.print(f"{len(results)} spec{'s' if len(results) != 1 else ''}: {n} finding{'s' if n != 1 else ''}"
+                  + (f", {bad} could not be read" if bad else ""), highlight=False)
+    if any(r.error for r in results):
+        raise typer.Exit(EXIT_BAD_SPEC)
+    raise typer.Exit(EXIT_FINDINGS if any(r.findings for r in results) else EXIT_OK)

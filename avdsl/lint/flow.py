@@ -1,0 +1,98 @@
+"""Information flow over the graph IR: which sources each tensor depends on, layer by layer.
+
+A *source* is where information enters the model: an input (``input:frames``) or a stream's own
+tokens (``stream:fusion``, which for a latent stream are learned constants and for an input stream are
+its tokenized input). A tensor depends on a source when some path of reads leads from the source to
+it. Inside an encoder the path follows the routing plan: in each layer a query stream takes in what
+its key streams held *before* that layer (all streams update at once, as in the runtime), and every
+pass starts again from the encoder's input streams. Lint rules reason about these sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir import EncoderNode, Graph, InputNode
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a source first entered a stream inside an encoder: at ``layer`` of ``pass_``, read
+    through key stream ``via`` (what a lint message cites as the leak)."""
+
+    encoder: str
+    pass_: str
+    layer: int
+    via: str
+
+
+@dataclass
+class Flow:
+    deps: dict = field(default_factory=dict)  # tensor name -> frozenset of sources
+    entries: dict = field(default_factory=dict)  # (encoder output tensor, source) -> Entry
+    stream_of: dict = field(default_factory=dict)  # tensor name -> the stream whose tokens it holds
+
+    def sources_of(self, tensor: str, kind: str) -> set[str]:
+        """The sources of one kind (``input`` or ``stream``) a tensor depends on, without the prefix."""
+        return {s.split(":", 1)[1] for s in self.deps.get(tensor, ()) if s.startswith(kind + ":")}
+
+
+def analyse_flow(graph: Graph) -> Flow:
+    """Compute, for every tensor of ``graph``, the sources it depends on."""
+    flow = Flow()
+    deps = flow.deps
+    for node in graph.nodes():
+        if isinstance(node, InputNode):
+            deps[node.outputs[0]] = frozenset({f"input:{node.decl.name}"})
+        elif isinstance(node, EncoderNode):
+            _encoder(node, flow)
+        else:
+            read = frozenset().union(*(deps.get(t, frozenset()) for t in node.inputs))
+            stream = getattr(node, "stream", None)
+            if stream is not None:
+                read = read | {f"stream:{stream}"}
+            for t in node.outputs:
+                deps[t] = read
+                if stream is not None:
+                    flow.stream_of[t] = stream
+    return flow
+
+
+def _encoder(node: EncoderNode, flow: Flow) -> None:
+    """Follow the routing of each pass, layer by layer, from the encoder's input streams."""
+    start = {s: flow.deps.get(t, frozenset()) for s, t in zip(node.streams + node.memory, node.inputs)}
+    for pname, plan in node.plans.items():
+        state = dict(start)
+        entered: dict[tuple[str, str], Entry] = {}
+        for li, layer in enumerate(plan.layers):
+            new = dict(state)
+            for a in layer.attends:
+                for k in a.keys:
+                    for source in state[k] - new[a.query]:
+                        entered.setdefault((a.query, source), Entry(node.id, pname, li, k))
+                    new[a.query] = new[a.query] | state[k]
+            state = new
+        for s in plan.streams():
+            key = f"{node.id}.{pname}.{s}" if pname else f"{node.id}.{s}"
+            flow.deps[key] = state[s]
+            flow.stream_of[key] = s
+            for (q, source), entry in entered.items():
+                if q == s:
+                    flow.entries[(key, source)] = entry
+
+
+def reads(graph: Graph, flow: Flow, tensor: str) -> set[str]:
+    """The streams an output reads directly or through other outputs (not through routing)."""
+    out: set[str] = set()
+    todo, seen = [tensor], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in flow.stream_of:
+            out.add(flow.stream_of[t])
+            continue
+        nid = graph.producer.get(t)
+        if nid is not None:
+            todo.extend(graph.node(nid).inputs)
+    return out
