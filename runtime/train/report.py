@@ -112,15 +112,27 @@ def write_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in sorted({k for r in train for k in r if k == "loss" or k.startswith("loss/")}):
-        points = [(r["step"], r[name]) for r in train if isinstance(r.get(name), (int, float))]
-        if points:
-            left.plot(*zip(*points), label=name)
-    left.set(title="training loss", xlabel="step")
-    metric_names = sorted({k for r in evals for k in r if k not in ("kind", "step") and "chance" not in k})
+
+    def is_loss(name: str) -> bool:
+        return name in ("loss", "reconstruction", "captioning") or name.startswith("loss/")
+
+    def series(rows: list[dict], name: str) -> list[tuple]:
+        return [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+
+    for name in sorted({k for r in train for k in r if is_loss(k)}):
+        if points := series(train, name):
+            left.plot(*zip(*points), label=f"train {name}")
+    for name in sorted({k for r in evals for k in r if is_loss(k)}):
+        if points := series(evals, name):
+            left.plot(*zip(*points), linestyle="--", marker="o", label=f"eval {name}")
+    left.set(title="loss", xlabel="step")
+    # rates in [0, 1] share one axis; ranks and chance levels would squash them, so they are left out
+    skip = ("kind", "step")
+    metric_names = sorted(
+        {k for r in evals for k in r if k not in skip and not is_loss(k) and "rank" not in k and "chance" not in k}
+    )
     for name in metric_names:
-        points = [(r["step"], r[name]) for r in evals if isinstance(r.get(name), (int, float))]
-        if points:
+        if points := series(evals, name):
             right.plot(*zip(*points), marker="o", label=name)
     right.set(title="evaluation", xlabel="step")
     for axes in (left, right):
