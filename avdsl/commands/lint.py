@@ -8,7 +8,6 @@ from typing import List, Optional
 import typer
 
 from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_OK, app, err, out, report
-from ..diagnostics import render
 from ..lint import BY_CODE, RULES, lint_one, spec_targets
 
 
@@ -63,12 +62,9 @@ def lint_command(
             if r.error is not None:
                 report(r.error)
             for d in r.findings:
-                text = render(d, r.sources)
-                head, _, rest = text.partition("\n")
-                out.print(f"[bold]{head}[/]", highlight=False, soft_wrap=True)
-                hint = [line for line in rest.splitlines() if line.startswith("hint:")]
-                for line in hint:
-                    out.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+                out.print(f"{d.loc}: {d.code} {d.message}", style="bold", highlight=False, markup=False, soft_wrap=True)
+                if d.hint:
+                    out.print(f"  hint: {d.hint}", highlight=False, markup=False, soft_wrap=True)
         n = sum(len(r.findings) for r in results)
         bad = sum(r.error is not None for r in results)
         out.print(f"{len(results)} spec{'s' if len(results) != 1 else ''}: {n} finding{'s' if n != 1 else ''}"
