@@ -155,17 +155,21 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
         graph.add(TokenizeNode(id=f"{s.name}/tokenize", inputs=(s.input,), outputs=(current,), loc=s.locs["tokenizer"],
                                stream=s.name, op=op.name, args=args))
     else:
+        # project to the new width first, then restore masked positions with a mask token of that width (MAE)
+        _check_share(spec, s)
         current = f"{s.name}/from"
-        inputs = (source,)
+        graph.add(FromNode(id=f"{s.name}/from", inputs=(source,), outputs=(current,), loc=s.locs["from"], stream=s.name,
+                           share=s.share))
         if s.restore is not None:
             if s.restore not in spec.streams or spec.streams[s.restore].mask is None:
                 masked = [n for n, d in spec.streams.items() if d.mask is not None]
                 raise SpecError(s.locs["restore"], f"`restore: {s.restore}` must name a stream with `mask:`",
                                 did_you_mean(s.restore, masked, "a masked stream"))
-            graph.add(RestoreNode(id=f"{s.name}/restore", inputs=(source, f"{s.restore}.mask", f"{s.restore}.ids"),
-                                  outputs=(f"{s.name}/restored",), loc=s.locs["restore"], stream=s.name, masked=s.restore))
-            inputs = (f"{s.name}/restored",)
-        graph.add(FromNode(id=f"{s.name}/from", inputs=inputs, outputs=(current,), loc=s.locs["from"], stream=s.name))
+            graph.add(RestoreNode(id=f"{s.name}/restore", inputs=(current, f"{s.restore}.mask", f"{s.restore}.ids"),
+                                  outputs=(f"{s.name}/restored",), loc=s.locs["restore"], stream=s.name, masked=s.restore,
+                                  share=s.share))
+            current = f"{s.name}/restored"
+
     if s.position is not None:
         op = ops.get(s.position.name, "position", s.locs["position"].shifted(s.position.col))
         args = dict(ops.bind(op, s.position, s.locs["position"]))
@@ -204,9 +208,31 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
     return current
 
 
+def _check_share(spec: Spec, s) -> None:
+    """``share: other`` must name another `from:` stream that owns its weights and restores like this one."""
+    if s.share is None:
+        return
+    loc = s.locs["share"]
+    owner = spec.streams.get(s.share)
+    if owner is None or owner.source != "from" or owner.name == s.name:
+        others = [n for n, d in spec.streams.items() if d.source == "from" and n != s.name]
+        raise SpecError(loc, f"`share: {s.share}` must name another `from:` stream", did_you_mean(s.share, others, "a `from:` stream"))
+    if owner.share is not None:
+        raise SpecError(loc, f"stream '{s.share}' itself shares the weights of '{owner.share}'", f"write `share: {owner.share}`")
+    if (owner.restore is None) != (s.restore is None):
+        raise SpecError(loc, f"streams '{s.name}' and '{s.share}' share a mask token, so both or neither need `restore:`",
+                        "add `restore:` to both, or remove it from both")
+
+
 def _add_encoder(graph, spec, ename, enc, stream_tensor, encoder_outputs, names) -> None:
+
     plans = {}
     memory = tuple(enc.memory)
+    for local in memory:
+        if local in enc.streams:
+            raise SpecError(enc.locs.get("memory", enc.loc), f"memory name '{local}' is also a stream of encoder '{ename}'",
+                            f"give the memory its own local name, e.g. `memory: {{{local}_memory: {enc.memory[local].name}}}`")
+
     for pname, entries in enc.passes.items():
         depth = max([enc.sizes.depth] + [s.depth for s in enc.stream_sizes.values()])
         plans[pname] = plan_pass(pname, entries, enc.streams, memory, enc.weights, depth, spec.rule_sets, spec.vars)

@@ -31,7 +31,16 @@ def attr(node_id: str) -> str:
     return var(node_id)
 
 
+def module_attr(node) -> str:
+    """The module a stream node runs: its own, or, with ``share:``, that of the stream it shares."""
+    share = getattr(node, "share", None)
+    if share and isinstance(node, (FromNode, RestoreNode)):
+        return attr(f"{share}/{node.id.split('/', 1)[1]}")
+    return attr(node.id)
+
+
 def optional_inputs(graph: Graph) -> set[str]:
+
     """Inputs only losses read (labels, captions used as targets): the model runs without them."""
     used_by_model = set()
     for node in graph.nodes():
@@ -90,8 +99,9 @@ def generate(graph: Graph, file_label: str = "") -> str:
             elif isinstance(node, FromNode) and graph.tensors[node.inputs[0]].shape[-1] == graph.tensors[out].shape[-1]:
                 text = f"{var(out)} = {args}"
             else:
-                text = f"{var(out)} = self.{attr(node.id)}({args})"
+                text = f"{var(out)} = self.{module_attr(node)}({args})"
             emit(group, decl.loc, text + _shape(graph, out))
+
         elif isinstance(node, EncoderNode):
             group = f"encoder {node.id}"
             kwargs = ", ".join(f"{s}={var(t)}" for s, t in zip(node.streams + node.memory, node.inputs))

@@ -54,11 +54,14 @@ def _module_for(node, graph: Graph) -> nn.Module | None:
     if isinstance(node, DropNode):
         n = t[node.inputs[0]].shape[1]
         return E.DropToken(node.rate, n) if node.op == "droptoken" else E.RandomMask(node.rate, n)
+    if isinstance(node, (RestoreNode, FromNode)) and node.share:
+        return None  # runs the module of the stream it shares (see `codegen.module_attr`)
     if isinstance(node, RestoreNode):
         return E.Restore(t[node.outputs[0]].shape[-1])
     if isinstance(node, FromNode):
         w_in, w_out = t[node.inputs[0]].shape[-1], t[node.outputs[0]].shape[-1]
         return nn.Linear(w_in, w_out) if w_in != w_out else None
+
     if isinstance(node, EncoderNode):
         return build_encoder(node, graph)
     if isinstance(node, CallNode) and node.op in codegen.MODULE_OPS:

@@ -80,6 +80,8 @@ class FromNode(Node):
     """A stream continuing from an encoder output (projected linearly when the widths differ)."""
 
     stream: str
+    share: str | None = None  # another `from:` stream whose projection this one uses (no weights of its own)
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +90,8 @@ class RestoreNode(Node):
 
     stream: str
     masked: str  # the stream whose mask is undone
+    share: str | None = None  # another `from:` stream whose mask token this one uses
+
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -123,11 +123,13 @@ class TypeEmbedding(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.type = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.trunc_normal_(self.type, std=0.02)
+        # not `self.type`: that name is nn.Module's dtype-casting method
+        self.embedding = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.trunc_normal_(self.embedding, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.type
+        return x + self.embedding
+
 
 
 class LatentTokens(nn.Module):

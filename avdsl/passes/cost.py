@@ -156,11 +156,12 @@ def count(graph: Graph) -> Cost:
         elif isinstance(node, LatentNode):
             p = node.count * t[node.outputs[0]].shape[2]
         elif isinstance(node, RestoreNode):
-            p = t[node.outputs[0]].shape[2]  # the mask token
+            p = 0 if node.share else t[node.outputs[0]].shape[2]  # the mask token (counted once when shared)
         elif isinstance(node, FromNode):
             w_in, w_out = t[node.inputs[0]].shape[2], t[node.outputs[0]].shape[2]
             if w_in != w_out:
-                p = w_in * w_out + w_out
+                p = 0 if node.share else w_in * w_out + w_out
+
                 f = 2 * _n(t[node.inputs[0]].shape[1]) * w_in * w_out
         elif isinstance(node, EncoderNode):
             p = encoder_params(node, graph)

@@ -171,10 +171,27 @@ def infer_shapes(graph: Graph) -> Graph:
             t[node.outputs[0]] = _call_shape(node, graph)
         elif isinstance(node, LossNode):
             t[node.outputs[0]] = TensorInfo(())
+    _check_shares(graph, widths)
     return graph
 
 
+def _check_shares(graph: Graph, widths: dict) -> None:
+    """A `from:` stream with ``share:`` runs the other stream's projection, so both map the same widths."""
+    t = graph.tensors
+    for node in graph.of_type(FromNode):
+        if node.share is None:
+            continue
+        owner = graph.node(f"{node.share}/from")
+        mine = (t[node.inputs[0]].shape[-1], widths[node.stream])
+        theirs = (t[owner.inputs[0]].shape[-1], widths[owner.stream])
+        if mine != theirs:
+            raise SpecError(node.loc, f"stream '{node.stream}' shares the projection of '{node.share}' but maps width "
+                            f"{mine[0]} -> {mine[1]}, and '{node.share}' maps {theirs[0]} -> {theirs[1]}",
+                            "streams that share a projection need the same widths on both sides")
+
+
 def _batch(spec: Spec):
+
     for decl in spec.inputs.values():
         return decl.dims[0]
     return "B"
