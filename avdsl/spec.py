@@ -6,7 +6,6 @@ from these dataclasses, and each carries the `Loc` its problems should be report
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-, replace
 
 
 from . import expr as ex
