@@ -1,0 +1,74 @@
+"""`avdsl graph` and `avdsl masks`: pictures of a spec's dataflow and of its routing masks."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..api import analyse
+from ..cli import EXIT_BAD_SPEC, app, err, out
+from ..pictures import dataflow, draw_dataflow, draw_masks, mask_panels, masks_text, to_dot, to_mermaid
+
+GRAPH_FORMATS = (".svg", ".png", ".dot", ".mmd")
+
+
+@app.command("graph")
+def graph_command(
+    spec: str = typer.Argument(..., help="A spec file or built-in name."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to FILE: .svg or .png (drawn), .dot or .mmd (text)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value (repeatable)."),
+) -> None:
+    """Draw the dataflow graph: inputs -> streams -> encoders -> outputs -> losses.
+
+    Without -o, print Mermaid text.
+
+    Examples:
+
+      avdsl graph zorro -o zorro-graph.png
+
+      avdsl graph zorro -o zorro.dot
+    """
+    analysis = analyse(spec, set_ or [])
+    flow = dataflow(analysis)
+    if output is None:
+        print(to_mermaid(flow), end="")
+        return
+    suffix = output.suffix.lower()
+    if suffix not in GRAPH_FORMATS:
+        err.print(f"error: cannot write '{output}': use one of {', '.join(GRAPH_FORMATS)}")
+        raise typer.Exit(EXIT_BAD_SPEC)
+    if suffix == ".dot":
+        output.write_text(to_dot(flow, analysis.spec.name))
+    elif suffix == ".mmd":
+        output.write_text(to_mermaid(flow))
+    else:
+        draw_dataflow(flow, str(output), f"{analysis.spec.name}: dataflow")
+    out.print(f"wrote {output}", highlight=False)
+
+
+@app.command("masks")
+def masks_command(
+    spec: str = typer.Argument(..., help="A spec file or built-in name."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also draw the masks to FILE (.png or .svg)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value (repeatable)."),
+) -> None:
+    """Show who attends to whom: one stream x stream grid per encoder, pass and run of identical layers.
+
+    Prints a compact grid; with -o also draws heatmaps whose blocks are sized by token counts.
+
+    Examples:
+
+      avdsl masks zorro
+
+      avdsl masks mbt -o mbt-masks.png --set vars.fusion_layer=4
+    """
+    analysis = analyse(spec, set_ or [])
+    panels = mask_panels(analysis)
+    print(masks_text(panels), end="")
+    if output is not None:
+        if output.suffix.lower() not in (".png", ".svg"):
+            err.print(f"error: cannot write '{output}': use .png or .svg")
+            raise typer.Exit(EXIT_BAD_SPEC)
+        draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
+        out.print(f"wrote {output}", highlight=False)
