@@ -53,12 +53,13 @@ def _unused_inputs(rule: Rule, ctx: Context):
 
 def _never_updated(rule: Rule, ctx: Context):
     for node in ctx.analysis.graph.of_type(EncoderNode):
-        updated = {s for plan in node.plans.values() for s in plan.streams()}
+        named = {s for plan in node.plans.values() for layer in plan.layers for a in layer.attends for s in (a.query,) + a.keys}
         for s in node.streams:
-            if s not in updated:
+            if s not in named:
                 yield rule.finding(node.decl.locs.get("streams", node.loc),
-                                   f"encoder '{node.id}' lists stream '{s}', but no routing rule updates it: it attends to nothing",
-                                   f"add a rule like `{s} <- {s}`, or remove '{s}' from `streams:`")
+                                   f"encoder '{node.id}' lists stream '{s}', but no routing rule names it: "
+                                   "it attends to nothing and nothing attends to it",
+                                   f"add a rule like `{s} <- {s}` or let another stream read it; or remove '{s}' from `streams:`")
 
 
 def _final_dependants(ctx: Context) -> set[str]:
@@ -219,10 +220,10 @@ RULES: tuple[Rule, ...] = (
           still has to be decoded and fed by every data loader. Usually a stream forgot `input:`. Label
           inputs are exempt: a base spec may declare them for evaluation or for specs that extend it.""",
           _unused_inputs),
-    _rule("R201", "stream-never-updated", "An encoder lists a stream that no routing rule updates.",
-          """A stream in an encoder's `streams:` that no rule names as a query attends to nothing: it passes
-          through every layer unchanged and the encoder has no output for it. Other streams may still read
-          it as a key, but then it would be clearer as a memory stream.""", _never_updated),
+    _rule("R201", "stream-not-routed", "An encoder lists a stream that no routing rule names.",
+          """A stream in an encoder's `streams:` that no rule names, as query or as key, attends to nothing
+          and nothing attends to it: the encoder carries it for no purpose and has no output for it. A
+          stream that is only read as a key (a Perceiver's inputs) is fine.""", _never_updated),
     _rule("R202", "dead-stream", "No output or loss depends on a stream (latent tokens included).",
           """Following the routing layer by layer, lint computes which streams each output and loss depends
           on. A stream none of them depends on costs parameters and FLOPs for nothing: nobody pools it and
