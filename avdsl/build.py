@@ -170,6 +170,11 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
                                   share=s.share))
             current = f"{s.name}/restored"
 
+    if s.cls and s.cls_position:
+        if s.drop is not None or s.mask is not None:
+            raise SpecError(s.locs["cls_position"], f"stream '{s.name}' prepends CLS tokens before positions and also drops tokens, "
+                            "which could drop the CLS tokens", "remove `cls_position` (CLS tokens then come after dropping)")
+        current = _prepend_cls(graph, s, current)
     if s.position is not None:
         op = ops.get(s.position.name, "position", s.locs["position"].shifted(s.position.col))
         args = dict(ops.bind(op, s.position, s.locs["position"]))
@@ -200,12 +205,18 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
         graph.add(DropNode(id=f"{s.name}/{key}", inputs=(current,), outputs=outputs, loc=s.locs[key], stream=s.name,
                            op=op.name, rate=args["rate"]))
         current = out
-    if s.cls:
-        out = f"{s.name}/cls"
-        graph.add(LatentNode(id=f"{s.name}/cls", inputs=(current,), outputs=(out,), loc=s.locs["cls"], stream=s.name,
-                             count=s.cls, prepend=True))
-        current = out
+    if s.cls and not s.cls_position:
+        current = _prepend_cls(graph, s, current)
     return current
+
+
+def _prepend_cls(graph: Graph, s, current: str) -> str:
+    """Learned CLS / aggregation tokens in front of a stream's tokens: after positions (VATT's
+    aggregation token, the default) or, with ``cls_position``, before them, so they get a position (ViT, MBT)."""
+    out = f"{s.name}/cls"
+    graph.add(LatentNode(id=f"{s.name}/cls", inputs=(current,), outputs=(out,), loc=s.locs["cls"], stream=s.name,
+                         count=s.cls, prepend=True))
+    return out
 
 
 def _check_share(spec: Spec, s) -> None:

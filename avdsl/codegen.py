@@ -162,6 +162,8 @@ def _inputs_of(graph: Graph, tensor: str) -> set[str]:
 def _call_text(node: CallNode) -> str:
     args = [var(i) for i in node.inputs]
     op = node.op
+    if op == "linear" and node.args.get("shared"):
+        return f"self.{attr('out.' + node.args['shared'])}({args[0]})"
     if op in MODULE_OPS:
         return f"self.{attr(node.id)}({args[0]})"
     kwargs = ", ".join(f"{k}={_literal(v)}" for k, v in node.args.items())

@@ -31,7 +31,7 @@ def _module_for(node, graph: Graph) -> nn.Module | None:
         a, x, out = node.args, t[node.inputs[0]], t[node.outputs[0]]
         width = out.shape[-1]
         kind = spec.inputs[node.inputs[0]].kind
-        channels = x.shape[1] if kind in ("image", "video") else 1
+        channels = a.get("channels") or (x.shape[1] if kind in ("image", "video") else 1)
         if node.op == "patch2d":
             return E.PatchEmbed2d(channels, a["h"], a["w"], width)
         if node.op == "tubelet":
@@ -43,7 +43,7 @@ def _module_for(node, graph: Graph) -> nn.Module | None:
         x = t[node.inputs[0]]
         width = x.shape[-1]
         if node.op == "learned":
-            return E.LearnedPosition(node.args["size"] or x.shape[1], width)
+            return E.LearnedPosition(node.args["size"] or x.shape[1], width, node.args["norm"])
         if node.op == "factorized":
             return E.FactorizedPosition(x.grid, width, node.args["norm"])
         return E.SinCos2dPosition(x.grid, width)
@@ -66,6 +66,8 @@ def _module_for(node, graph: Graph) -> nn.Module | None:
         return build_encoder(node, graph)
     if isinstance(node, CallNode) and node.op in codegen.MODULE_OPS:
         width = t[node.inputs[0]].shape[-1]
+        if node.op == "linear" and node.args.get("shared"):
+            return None  # runs the linear of the output it names (see `codegen._call_text`)
         if node.op == "linear":
             return nn.Linear(width, node.args["out"], bias=node.args["bias"])
         if node.op == "mlp":

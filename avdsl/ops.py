@@ -206,6 +206,8 @@ def _linear_shape(b, loc):
 
 
 def _linear_params(b):
+    if b.get("shared"):
+        return 0  # the weights belong to the output named by `shared`
     return b["x"][-1] * b["out"] + (b["out"] if b["bias"] else 0)
 
 
@@ -267,8 +269,9 @@ def _add(op: OpDef) -> None:
 
 # tokenizers (used in `streams.*.tokenizer`); their shapes are worked out by the graph builder,
 # which knows the input; parameter counts are in `avdsl.passes.cost`.
-_add(OpDef("patch2d", "tokenizer", "Split an image or spectrogram into non-overlapping h x w patches, each linearly projected (ViT, AST).",
-           (T("h", "int"), T("w", "int"))))
+_add(OpDef("patch2d", "tokenizer", "Split an image or spectrogram into non-overlapping h x w patches, each linearly projected (ViT, AST); "
+           "`channels=3` repeats a one-channel spectrogram to 3 channels first (MBT's reference, for RGB-ViT weights).",
+           (T("h", "int"), T("w", "int"), T("channels", "int", 0))))
 _add(OpDef("tubelet", "tokenizer", "Split a video into non-overlapping t x h x w tubelets, each linearly projected (ViViT, VATT, MBT).",
            (T("t", "int"), T("h", "int"), T("w", "int"))))
 _add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping windows of k samples, each linearly projected (VATT's WaT).",
@@ -276,8 +279,9 @@ _add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping win
 _add(OpDef("embed", "tokenizer", "Look up token ids in an embedding table; with `dim`, embed at `dim` then project linearly to the width.",
            (T("vocab", "int"), T("dim", "int", 0), T("frozen", "bool", False))))
 # positional encodings
-_add(OpDef("learned", "position", "Learned positional embedding, one row per token position (or `size` buckets).",
-           (T("size", "int", 0),)))
+_add(OpDef("learned", "position", "Learned positional embedding, one row per token position (or `size` buckets); "
+           "with `norm=true` the table is LayerNorm-ed before it is added (VATT).",
+           (T("size", "int", 0), T("norm", "bool", False))))
 _add(OpDef("factorized", "position", "Learned factorised positions: one table per grid axis (time, height, width), summed; optional LayerNorm.",
            (T("norm", "bool", False),)))
 _add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter.", ()))
@@ -293,7 +297,9 @@ _add(OpDef("first", "pool", "The first token (a CLS or aggregation token).", (T(
 _add(OpDef("avg", "pool", "Element-wise mean of tensors of one shape (e.g. averaging per-modality logits).", (T("x", "tensors"),), _avg_shape))
 _add(OpDef("tokens", "pool", "The tokens of a stream, dropping `skip` leading ones (e.g. CLS).", (T("x", "tensor"), T("skip", "int", 0)),
            lambda b, loc: (b["x"][0], b["x"][1] - b["skip"], b["x"][2]) if isinstance(b["x"][1], int) else b["x"]))
-_add(OpDef("linear", "project", "A linear layer to `out` features.", (T("x", "tensor"), T("out", "int"), T("bias", "bool", True)),
+_add(OpDef("linear", "project", "A linear layer to `out` features; `shared=NAME` reuses the weights of the linear output NAME "
+           "(one classifier applied to several inputs, as MBT's per-modality CLS tokens).",
+           (T("x", "tensor"), T("out", "int"), T("bias", "bool", True), T("shared", "name", "")),
            _linear_shape, _linear_params))
 _add(OpDef("mlp", "project", "Linear layers of the given sizes with a norm and activation between them (e.g. MMV/VATT heads).",
            (T("x", "tensor"), T("sizes", "ints"), T("norm", "name", "bn"), T("act", "name", "relu"), T("bias", "bool", True),

@@ -112,7 +112,9 @@ def _bound(value, vars: dict, loc: Loc, default: int) -> int:
 
 
 def layers_of(rng: ex.Range | None, depth: int, vars: dict, loc: Loc) -> range:
-    """The layers a range covers. Negative bounds count from the end, as in Python."""
+    """The layers a range covers. Negative bounds count from the end, as in Python. An open range
+    starting at the depth (``@ 12..`` in a 12-layer encoder) covers no layer: that is how a var such as
+    MBT's fusion layer switches a rule set off (late fusion)."""
     if rng is None:
         return range(depth)
     at = loc.shifted(rng.col)
@@ -121,6 +123,8 @@ def layers_of(rng: ex.Range | None, depth: int, vars: dict, loc: Loc) -> range:
     start, stop = (start + depth if start < 0 else start), (stop + depth if stop < 0 else stop)
     if rng.step < 1:
         raise SpecError(at, f"the layer step must be at least 1, got {rng.step}", "e.g. `@ 1..:2` for every other layer")
+    if not rng.single and rng.stop is None and start == depth:
+        return range(depth, depth)
     if not 0 <= start < depth or not start < stop <= depth:
         raise SpecError(at, f"layer range {start}..{stop} does not fit an encoder of depth {depth}",
                         f"layers are numbered 0..{depth} (half-open, like Python); e.g. `@ 0..{depth}`")

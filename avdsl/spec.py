@@ -37,6 +37,7 @@ class StreamDecl:
     position: ex.Call | None = None
     type_embedding: bool = False
     cls: int = 0
+    cls_position: bool = False  # True: CLS tokens are prepended before the positional embedding (ViT, MBT)
     drop: ex.Call | None = None
     mask: ex.Call | None = None
     restore: str | None = None
@@ -73,7 +74,7 @@ class EncoderDecl:
     stream_sizes: dict  # stream -> Sizes (per_stream overrides)
     passes: dict  # pass name -> tuple[RuleDecl | (Use, Loc)] ; "" when the encoder has no passes
     norms: str
-    final_norm: bool
+    final_norm: bool | str  # True: one per weight set; "shared": one for every stream; False: none
     bias: bool
     norm_eps: float
     activation: str
@@ -184,6 +185,7 @@ def _stream(doc: Doc, name: str, data: dict) -> StreamDecl:
                         "add e.g. `tokenizer: patch2d(16, 16)`, `tubelet(2, 16, 16)`, `wave1d(128)` or `embed(259)`")
     return StreamDecl(name=name, source=source, input=data.get("input"), latent=int(data.get("latent", 0)),
                       type_embedding=bool(data.get("type_embedding", False)), cls=int(data.get("cls", 0)),
+                      cls_position=bool(data.get("cls_position", False)),
                       restore=data.get("restore"), share=data.get("share"), width=data.get("width"),
  loc=doc.key_loc(*path), locs=locs, **kw)
 
@@ -205,6 +207,11 @@ def _sizes(data: dict, base: Sizes | None = None) -> Sizes:
     else:
         mlp = base.mlp_dim if width == base.width else int(round(width * base.mlp_dim / base.width))
     return Sizes(width, int(data.get("depth", base.depth if base else 1)), int(data.get("heads", base.heads if base else 1)), mlp)
+
+
+def _final_norm(value) -> bool | str:
+    """``final_norm``: true/false, or ``shared`` (one LayerNorm for all streams, even with per-stream weights)."""
+    return "shared" if value == "shared" else bool(value)
 
 
 def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
@@ -230,7 +237,7 @@ def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
         memory[local] = ref
     return EncoderDecl(name=name, streams=tuple(data["streams"]), memory=memory, sizes=sizes,
                        weights=data.get("weights", "shared"), stream_sizes=stream_sizes, passes=passes,
-                       norms=data.get("norms", "shared"), final_norm=bool(data.get("final_norm", True)),
+                       norms=data.get("norms", "shared"), final_norm=_final_norm(data.get("final_norm", True)),
                        bias=bool(data.get("bias", True)), norm_eps=float(data.get("norm_eps", 1e-6)),
                        activation=data.get("activation", "gelu"), dropout=float(data.get("dropout", 0.0)),
                        loc=doc.key_loc(*path), locs={k: doc.loc(*path, k) for k in data})

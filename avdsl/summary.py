@@ -10,7 +10,7 @@ from rich.text import Text
 
 from .api import Analysis
 from .ir import DropNode, EncoderNode, LatentNode, TokenizeNode
-from .passes.cost import by_component
+from .passes.cost import by_component, weight_set_params
 from .passes.shapes import weight_sets
 
 
@@ -75,13 +75,16 @@ def summarize(analysis: Analysis) -> dict:
     cost, g = analysis.cost, analysis.graph
     batch = analysis.spec.dims.get(str(next(iter(analysis.spec.inputs.values())).dims[0]), 1)
     components = by_component(g, cost)
-    encoders = {}
+    encoders, by_weight_set = {}, {}
     for node in g.of_type(EncoderNode):
         sets = weight_sets(node)
+        ws_params = weight_set_params(node, g)
+        if len(ws_params) > 1:  # a per-stream encoder: its count per modality (and a shared final norm)
+            by_weight_set.update({f"encoders.{node.id}.{k}": v for k, v in ws_params.items()})
         encoders[node.id] = {
             "weights": node.decl.weights,
-            "weight_sets": {k: {"width": v.sizes.width, "depth": v.sizes.depth, "heads": v.sizes.heads, "mlp_dim": v.sizes.mlp_dim}
-                            for k, v in sets.items()},
+            "weight_sets": {k: {"width": v.sizes.width, "depth": v.sizes.depth, "heads": v.sizes.heads, "mlp_dim": v.sizes.mlp_dim,
+                                "params": ws_params[k]} for k, v in sets.items()},
             "passes": [p for p in node.plans if p] or None,
             "flops_per_sample": cost.flops[node.id],
         }
@@ -94,7 +97,7 @@ def summarize(analysis: Analysis) -> dict:
         "encoders": encoders,
         "routing": routing_table(analysis),
         "parameters": {"total": cost.total_params, "trainable": cost.total_params - cost.total_frozen,
-                       "frozen": cost.total_frozen, "by_component": components},
+                       "frozen": cost.total_frozen, "by_component": components, "by_weight_set": by_weight_set},
         "flops": {"forward_per_sample": cost.total_flops, "batch": batch, "forward_per_batch": cost.total_flops * batch},
         "outputs": {n: list(g.tensors[t].shape) for n, t in g.outputs.items()},
         "losses": list(g.losses),
@@ -121,8 +124,12 @@ def render(summary: dict):
     params.add_column("parameters", justify="right")
     params.add_column("share", justify="right")
     total = summary["parameters"]["total"] or 1
+    parts = summary["parameters"].get("by_weight_set", {})
     for k, v in sorted(summary["parameters"]["by_component"].items(), key=lambda kv: -kv[1]):
         params.add_row(k, f"{v:,}", f"{100 * v / total:.1f}%")
+        for part, n in parts.items():  # a per-stream encoder, split by weight set
+            if part.startswith(k + "."):
+                params.add_row(Text(f"  of which {part[len(k) + 1:]}", style="dim"), Text(f"{n:,}", style="dim"), "")
     p = summary["parameters"]
     params.add_row(Text("total", style="bold"), Text(f"{p['total']:,}", style="bold"), "")
     if p["frozen"]:

@@ -9,15 +9,18 @@ from torch import nn
 
 
 class PatchEmbed2d(nn.Module):
-    """Non-overlapping h x w patches of an image [B, C, H, W] or spectrogram [B, T, F], projected to D."""
+    """Non-overlapping h x w patches of an image [B, C, H, W] or spectrogram [B, T, F], projected to D.
+    A spectrogram is one channel; with ``channels`` > 1 it is repeated to that many channels first
+    (MBT's reference feeds spectrograms as 3-channel images to reuse RGB ViT patch weights)."""
 
     def __init__(self, channels: int, h: int, w: int, width: int):
         super().__init__()
+        self.channels = channels
         self.proj = nn.Conv2d(channels, width, kernel_size=(h, w), stride=(h, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
-            x = x.unsqueeze(1)
+            x = x.unsqueeze(1).expand(-1, self.channels, -1, -1)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -57,15 +60,17 @@ class TextEmbed(nn.Module):
 
 
 class LearnedPosition(nn.Module):
-    """A learned embedding per position, added (``size`` rows, of which the first N are used)."""
+    """A learned embedding per position, added (``size`` rows, of which the first N are used);
+    optionally LayerNorm-ed before adding (VATT's audio positions)."""
 
-    def __init__(self, size: int, width: int):
+    def __init__(self, size: int, width: int, norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.pos = nn.Parameter(torch.zeros(1, size, width))
         nn.init.trunc_normal_(self.pos, std=0.02)
+        self.norm = nn.LayerNorm(width, eps=eps) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pos[:, : x.shape[1]]
+        return x + self.norm(self.pos[:, : x.shape[1]])
 
 
 class FactorizedPosition(nn.Module):

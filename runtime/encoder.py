@@ -111,8 +111,13 @@ class StreamTransformer(nn.Module):
                 layers.append(Block(width, heads, mlp_dim, bias=bias, eps=eps, activation=activation, dropout=dropout,
                                     norm_sets=norm_sets, cross_width=cross_width))
             self.blocks[ws] = nn.ModuleList(layers)
+        # final LayerNorms: one per weight set, or with ``final_norm="shared"`` one for every stream (MBT)
         self.final = nn.ModuleDict()
-        if final_norm:
+        self.shared_final = final_norm == "shared"
+        if self.shared_final:
+            width = next(iter(sizes.values()))[0]
+            self.final["shared"] = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+        elif final_norm:
             for ws, (width, *_rest) in sizes.items():
                 self.final[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
         # which weight set's final norm applies to a stream: the last one that updated it
@@ -135,7 +140,7 @@ class StreamTransformer(nn.Module):
             for s in updated:
                 y = x[s]
                 if len(self.final):
-                    y = self.final[self.final_of[(pname, s)]][nk](y)
+                    y = self.final["shared" if self.shared_final else self.final_of[(pname, s)]][nk](y)
                 out[f"{pname}.{s}" if pname else s] = y
         return out
 

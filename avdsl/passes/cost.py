@@ -61,15 +61,18 @@ def cross_params(width: int, memory_width: int, bias: bool, norms: int) -> int:
     return ln * norms + 2 * width * width + 2 * memory_width * width + (4 * width if bias else 0)
 
 
-def encoder_params(node: EncoderNode, graph: Graph) -> int:
+def weight_set_params(node: EncoderNode, graph: Graph) -> dict[str, int]:
+    """Parameters of each weight set of an encoder (its layers and final norm), so a per-stream
+    encoder's count can be read per modality. A ``final_norm: shared`` LayerNorm is its own entry."""
     enc = node.decl
     norms = len(node.plans) if enc.norms == "per_pass" else 1
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
-    total = 0
-    for ws in weight_sets(node).values():
+    out: dict[str, int] = {}
+    sets = weight_sets(node)
+    for ws in sets.values():
         s = ws.sizes
-        total += s.depth * layer_params(s.width, s.mlp_dim, enc.bias, enc.activation, norms)
-        if enc.final_norm:
+        total = s.depth * layer_params(s.width, s.mlp_dim, enc.bias, enc.activation, norms)
+        if enc.final_norm is True:
             total += (2 if enc.bias else 1) * s.width * norms
         for layer in range(s.depth):
             crossing = [a for plan in node.plans.values() if layer < len(plan.layers)
@@ -77,7 +80,15 @@ def encoder_params(node: EncoderNode, graph: Graph) -> int:
             if crossing:
                 mem_width = graph.tensors[stream_in[crossing[0].keys[0]]].shape[-1]
                 total += cross_params(s.width, mem_width, enc.bias, norms)
-    return total
+        out[ws.name] = total
+    if enc.final_norm == "shared":
+        width = next(iter(sets.values())).sizes.width
+        out["final_norm"] = (2 if enc.bias else 1) * width * norms
+    return out
+
+
+def encoder_params(node: EncoderNode, graph: Graph) -> int:
+    return sum(weight_set_params(node, graph).values())
 
 
 def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
@@ -137,7 +148,7 @@ def count(graph: Graph) -> Cost:
                 f = 2 * tokens * dim * width if a["dim"] else 0
             else:
                 kind = graph.spec.inputs[node.inputs[0]].kind
-                channels = _n(x.shape[1]) if kind in ("image", "video") else 1
+                channels = a.get("channels") or (_n(x.shape[1]) if kind in ("image", "video") else 1)
                 patch = {"patch2d": a.get("h", 1) * a.get("w", 1), "tubelet": a.get("t", 1) * a.get("h", 1) * a.get("w", 1),
                          "wave1d": a.get("k", 1)}[node.op]
                 p = channels * patch * width + width
@@ -146,7 +157,7 @@ def count(graph: Graph) -> Cost:
             x = t[node.inputs[0]]
             width = x.shape[2]
             if node.op == "learned":
-                p = (node.args["size"] or _n(x.shape[1])) * width
+                p = (node.args["size"] or _n(x.shape[1])) * width + (2 * width if node.args["norm"] else 0)
             elif node.op == "factorized":
                 p = sum(_n(g) for g in x.grid) * width + (2 * width if node.args["norm"] else 0)
             elif node.op == "sincos2d":

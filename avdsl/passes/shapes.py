@@ -48,6 +48,9 @@ def stream_widths(spec: Spec, graph: Graph) -> dict[str, int]:
                 raise SpecError(enc.loc, f"stream '{s}' is {widths[s][0]} wide for one encoder and {size.width} for encoder '{enc.name}'",
                                 "a stream has one width; add a `from:` stream to change width between encoders")
             widths[s] = (size.width, enc)
+    for node in graph.of_type(EncoderNode):
+        if node.decl.weights == "per_stream":
+            _widths_from_via(node, widths)
     out = {}
     for name, s in spec.streams.items():
         if s.width is not None:
@@ -61,6 +64,18 @@ def stream_widths(spec: Spec, graph: Graph) -> dict[str, int]:
             raise SpecError(s.loc, f"stream '{name}' is not used by any encoder, so its width is unknown",
                             "add it to an encoder's `streams:`, or give it `width:`")
     return out
+
+
+def _widths_from_via(node: EncoderNode, widths: dict) -> None:
+    """With per-stream weights, a stream that is only ever computed with another stream's weights
+    (``text <- text via video``: VATT's modality-agnostic backbone) takes that weight set's width."""
+    enc = node.decl
+    for s in enc.streams:
+        used = {a.weights for plan in node.plans.values() for layer in plan.layers for a in layer.attends if a.query == s}
+        if used and s not in used:
+            sizes = {enc.stream_sizes.get(w, enc.sizes).width for w in used}
+            if len(sizes) == 1:
+                widths[s] = (sizes.pop(), enc)
 
 
 def _tokenize(node: TokenizeNode, x: TensorInfo, kind: str, width: int, loc) -> TensorInfo:
@@ -171,6 +186,7 @@ def infer_shapes(graph: Graph) -> Graph:
             t[node.outputs[0]] = _call_shape(node, graph)
         elif isinstance(node, LossNode):
             t[node.outputs[0]] = TensorInfo(())
+    _check_shared_linears(graph)
     _check_shares(graph, widths)
     return graph
 
@@ -190,6 +206,29 @@ def _check_shares(graph: Graph, widths: dict) -> None:
                             "streams that share a projection need the same widths on both sides")
 
 
+def _check_shared_linears(graph: Graph) -> None:
+    """``linear(x, out, shared=NAME)`` reuses the weights of output NAME: NAME must be a plain linear
+    output (not itself shared) with the same input width, output size and bias."""
+    def own_linear(node) -> bool:
+        return isinstance(node, CallNode) and node.op == "linear" and not node.args.get("shared")
+
+    for node in graph.of_type(CallNode):
+        name = node.args.get("shared") if node.op == "linear" else None
+        if not name:
+            continue
+        target = graph.outputs.get(name)
+        owner = graph.node(graph.producer[target]) if target in graph.producer else None
+        if not own_linear(owner):
+            linears = [n for n, t in graph.outputs.items() if own_linear(graph.node(graph.producer[t]))]
+            raise SpecError(node.loc, f"`shared={name}` must name an output that is a linear layer with its own weights",
+                            ("linear outputs here: " + ", ".join(linears)) if linears else "define e.g. `logits_a: linear(x, 10)` first")
+        mine = (graph.tensors[node.inputs[0]].shape[-1], node.args["out"], node.args["bias"])
+        theirs = (graph.tensors[owner.inputs[0]].shape[-1], owner.args["out"], owner.args["bias"])
+        if mine != theirs:
+            raise SpecError(node.loc, f"`shared={name}`: this linear maps {mine[0]} -> {mine[1]} (bias {mine[2]}), "
+                            f"'{name}' maps {theirs[0]} -> {theirs[1]} (bias {theirs[2]})", "a shared layer needs the same sizes")
+
+
 def _batch(spec: Spec):
 
     for decl in spec.inputs.values():
@@ -200,6 +239,9 @@ def _batch(spec: Spec):
 def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
     enc, t = node.decl, graph.tensors
     sets = weight_sets(node)
+    if enc.final_norm == "shared" and len({ws.sizes.width for ws in sets.values()}) > 1:
+        raise SpecError(enc.locs.get("final_norm", enc.loc), f"`final_norm: shared` needs one width; encoder '{enc.name}' has weight sets "
+                        + ", ".join(f"{w} ({ws.sizes.width})" for w, ws in sets.items()), "use `final_norm: true` (one per weight set)")
     for ws in sets.values():
         if ws.sizes.width % ws.sizes.heads:
             raise SpecError(enc.locs.get("heads", enc.loc), f"width {ws.sizes.width} is not divisible by {ws.sizes.heads} heads "
