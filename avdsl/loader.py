@@ -8,6 +8,7 @@ Positions survive all of it, so later passes can point at the exact line that ca
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -81,13 +82,27 @@ def resolve_spec_path(name_or_path: str, base: Path | None = None) -> Path | Non
     candidate = Path(name_or_path)
     if base is not None and not candidate.is_absolute():
         candidate = base / candidate
-    if candidate.is_file():
+    if _is_file(candidate):
         return candidate
     if not name_or_path.endswith((".yaml", ".yml")):
         builtin = builtin_specs_dir() / f"{name_or_path}.yaml"
-        if builtin.is_file():
+        if _is_file(builtin):
             return builtin
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, but False (not an OSError) for names the OS refuses, e.g. too long ones."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _builtin_spec(name: str) -> Path | None:
+    """The built-in spec called ``name`` (``zorro``, ``tiny/zorro``), or None."""
+    path = builtin_specs_dir() / f"{name}.yaml"
+    return path if _is_file(path) else None
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -120,6 +135,9 @@ class _Converter:
         elif isinstance(node, yaml.ScalarNode) and node.style in ("|", ">"):
             here = Loc(self.file, here.line + 1, here.column + 2)  # first line of a block scalar
         self.locs[path] = here
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in _COLLECTION_TAGS:
+            raise SpecError(_loc(node.start_mark, self.file), f"the YAML tag '{_shown_tag(node.tag)}' is not allowed in a spec",
+                            "remove the tag; specs hold plain strings, numbers, lists and mappings")
         if isinstance(node, yaml.MappingNode):
             out: dict = {}
             for key_node, value_node in node.value:
@@ -140,6 +158,66 @@ class _Converter:
         return _scalar(node, self.file)
 
 
+def _shown_tag(tag: str) -> str:
+    """A tag as it is written in YAML: ``!!python/object`` rather than ``tag:yaml.org,2002:python/object``."""
+    prefix = "tag:yaml.org,2002:"
+    return "!!" + tag[len(prefix):] if tag.startswith(prefix) else tag
+
+
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _expanded_size(root, file: str = "<spec>") -> int:
+    """How many nodes the tree under ``root`` has once aliases are written out, counted without
+    writing them out (each shared node is counted once and its size reused), so that an alias bomb
+    is refused in microseconds. An alias to an enclosing node (a loop) is refused outright."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise SpecError(_loc(node.start_mark, file), "an alias (*name) refers to the mapping or list that contains it",
+                            "a spec cannot contain itself; write the values out")
+        open_.add(key)
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        open_.discard(key)
+        sizes[key] = min(total, MAX_NODES + 1)
+        return sizes[key]
+
+    return size(root)
+
+
+def _biggest_child(node):
+    """The direct child of a mapping or sequence that expands to the most nodes (for the error)."""
+    children = [v for _, v in node.value] if isinstance(node, yaml.MappingNode) else list(node.value)
+    return max(children, key=_expanded_size, default=node)
+
+
+def _flow_too_deep(text: str, file: str) -> None:
+    """Refuse more than MAX_DEPTH nested ``[``/``{`` before the YAML parser recurses into them
+    (10,000 brackets would otherwise take seconds and end in a RecursionError)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for match in re.finditer(r"[\[\]{}]", text):
+        depth += 1 if match.group() in "[{" else -1
+        depth = max(depth, 0)
+        if depth > MAX_DEPTH:
+            before = text[: match.start()]
+            line = before.count("\n") + 1
+            col = match.start() - (before.rfind("\n") + 1) + 1
+            raise SpecError(Loc(file, line, col), f"the spec nests deeper than {MAX_DEPTH} levels of brackets",
+                            "flatten the structure; avdsl specs need only a few levels")
+
+
 def _scalar(node, file: str):
     """Resolve a scalar with the safe loader's rules; refuse tags that would construct objects."""
     tag = node.tag or ""
@@ -148,7 +226,7 @@ def _scalar(node, file: str):
         if kind in ("int", "float", "bool", "null"):
             return yaml.SafeLoader("").construct_object(node)
         return str(node.value)  # str, and timestamps/binary kept as their text
-    raise SpecError(_loc(node.start_mark, file), f"the YAML tag '{tag}' is not allowed in a spec",
+    raise SpecError(_loc(node.start_mark, file), f"the YAML tag '{_shown_tag(tag)}' is not allowed in a spec",
                     "remove the tag; specs hold plain strings, numbers, lists and mappings")
 
 
@@ -161,13 +239,25 @@ def parse_yaml(text: str, file: str) -> Doc:
         line = text[: text.index("\x00")].count("\n") + 1
         raise SpecError(Loc(file, line, 1), "the file contains a NUL byte: it is not a text spec",
                         "pass a .yaml spec file")
+    if not text.strip():
+        raise SpecError(Loc(file, 1, 1), "the spec is empty",
+                        "start from a built-in spec: `avdsl build zorro`, or write `avdsl: 1` and `extends: zorro`")
+    _flow_too_deep(text, file)
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = _compose(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         loc = _loc(mark, file) if mark else Loc(file, 1, 1)
         what = (err.problem or str(err)).strip()
-        raise SpecError(loc, f"this is not valid YAML: {what}", _yaml_hint(what)) from None
+        context, opened = err.context or "", err.context_mark
+        if opened is not None and "quoted scalar" in context:
+            raise SpecError(_loc(opened, file), "this is not valid YAML: the quoted string starting here is not closed",
+                            "close the quote on the same line (or remove it)") from None
+        hint = _yaml_hint(what)
+        if opened is not None and "flow" in context:
+            bracket = "[" if "sequence" in context else "{"
+            hint = f"the '{bracket}' opened at line {opened.line + 1}, column {opened.column + 1} is not closed before this"
+        raise SpecError(loc, f"this is not valid YAML: {what}", hint) from None
     except yaml.YAMLError as err:
         raise SpecError(Loc(file, 1, 1), f"this is not valid YAML: {err}", "check indentation and quoting") from None
     except RecursionError:
@@ -183,6 +273,9 @@ def parse_yaml(text: str, file: str) -> Doc:
     if not isinstance(nodes[0], yaml.MappingNode):
         raise SpecError(_loc(nodes[0].start_mark, file), "the top level of a spec must be a mapping of keys",
                         "start with `avdsl: 1` and then keys like `streams:`, `encoders:`")
+    if _expanded_size(nodes[0], file) > MAX_NODES:
+        raise SpecError(_loc(_biggest_child(nodes[0]).start_mark, file), f"the spec expands to more than {MAX_NODES} YAML nodes",
+                        "this usually comes from nested aliases (&anchor / *alias); write the values out")
     conv = _Converter(file)
     try:
         data = conv.convert(nodes[0], (), 0)
@@ -192,8 +285,22 @@ def parse_yaml(text: str, file: str) -> Doc:
     return Doc(data, conv.locs, conv.key_locs, {file: text}, file)
 
 
+def _compose(text: str) -> list:
+    """YAML text -> node trees. libyaml (when PyYAML has it) is about ten times faster than the
+    pure-Python parser, which keeps big specs within the time a diagnostic may take; for a small text
+    that is not valid YAML, the pure-Python parser runs again because its messages are clearer."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return list(yaml.compose_all(text, Loader=fast))
+        except yaml.YAMLError:
+            if len(text) > 100_000:
+                raise
+    return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+
+
 def _yaml_hint(problem: str) -> str:
-    if "tab" in problem:
+    if "tab" in problem or "'\\t'" in problem:
         return "YAML indentation uses spaces, not tabs"
     if "mapping values are not allowed" in problem:
         return "a value containing ': ' must be quoted, or a key is mis-indented"
@@ -206,6 +313,9 @@ def _yaml_hint(problem: str) -> str:
 
 def read_text(path: Path, shown: str) -> str:
     try:
+        if path.stat().st_size > MAX_BYTES:  # refuse before reading a huge file into memory
+            raise SpecError(Loc(shown, 1, 1), f"the spec is larger than {MAX_BYTES // 1000} kB",
+                            "specs are short; is this the right file?")
         raw = path.read_bytes()
     except OSError as err:
         raise SpecError(Loc(shown, 1, 1), f"cannot read the spec: {err.strerror or err}",
@@ -296,16 +406,19 @@ def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
         raise SpecError(loc, "`extends` must name one spec", "e.g. `extends: zorro` or `extends: ./base.yaml`")
     if len(seen) > MAX_EXTENDS:
         raise SpecError(loc, f"`extends` chains more than {MAX_EXTENDS} specs", "shorten the chain")
-    is_path = parent.endswith((".yaml", ".yml")) or "/" in parent and (here / parent).is_file()
-    target = (here / parent) if is_path else resolve_spec_path(parent)
-    if target is None or not target.is_file():
-        hint = did_you_mean(parent, builtin_names(), "a built-in spec")
-        raise SpecError(loc, f"`extends: {parent}` names no spec file or built-in spec", hint)
-    real = target.resolve()
+    is_path = (parent.endswith((".yaml", ".yml")) or parent.startswith((".", "/", "~")) or ".." in Path(parent).parts
+               or Path(parent).is_absolute() or _is_file(here / parent))
+    target = (here / parent) if is_path else _builtin_spec(parent)
     allowed = [root_dir, builtin_specs_dir().resolve()]
-    if is_path and not any(real.is_relative_to(a) for a in allowed):
+    # checked before existence, so that a spec cannot probe which files exist elsewhere
+    if target is not None and not any(target.resolve().is_relative_to(a) for a in allowed):
         raise SpecError(loc, f"`extends: {parent}` reaches outside the spec's folder",
                         "extend a built-in spec by name, or a file in this spec's folder or below it")
+    if target is None or not _is_file(target):
+        hint = ("a path is read relative to this spec's folder; is the file name right?" if is_path
+                else did_you_mean(parent, builtin_names(), "a built-in spec"))
+        raise SpecError(loc, f"`extends: {parent}` names no spec file or built-in spec", hint)
+    real = target.resolve()
     if str(real) in seen:
         chain = " -> ".join(Path(s).name for s in seen + [str(real)])
         raise SpecError(loc, f"`extends` forms a loop: {chain}", "remove one of the `extends` lines")

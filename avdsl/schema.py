@@ -56,8 +56,10 @@ def _error_to_spec_error(err: jsonschema.ValidationError, doc: Doc) -> SpecError
         allowed = list(_subschema(path).get("properties", {}))
         extra = [k for k in (err.instance or {}) if k not in allowed]
         key = extra[0] if extra else "?"
-        return SpecError(doc.key_loc(*path, key), f"unknown key '{key}' in {where}",
-                         did_you_mean(key, allowed, "a key"))
+        hint = did_you_mean(key, allowed, "a key")
+        if not str(key).replace("_", "a").isalnum():  # `{tokenizer: patch2d(16, 16)}` splits at the comma
+            hint = "inside `{...}` a comma ends the value: quote values that hold commas, e.g. `{tokenizer: \"patch2d(16, 16)\"}`"
+        return SpecError(doc.key_loc(*path, key), f"unknown key '{key}' in {where}", hint)
     if validator == "propertyNames":
         bad = [k for k in err.instance if isinstance(k, str)] if isinstance(err.instance, dict) else []
         key = next((k for k in bad if not k.replace("_", "a").isalnum() or k[0].isdigit()), err.instance)
@@ -74,6 +76,9 @@ def _error_to_spec_error(err: jsonschema.ValidationError, doc: Doc) -> SpecError
                else f"stream '{path[1]}' does not say where its tokens come from")
         return SpecError(doc.key_loc(*path), msg,
                          "give exactly one of `input: NAME` (tokenize an input), `from: encoder.stream`, or `latent: N`")
+    if path == ("avdsl",) and validator in ("enum", "const", "type"):
+        return SpecError(doc.loc(*path), f"unsupported spec language version {err.instance!r}",
+                         "this avdsl reads version 1 specs: write `avdsl: 1`")
     if validator == "enum" or validator == "const":
         options = err.validator_value if validator == "enum" else [err.validator_value]
         return SpecError(doc.loc(*path), f"{where} is {err.instance!r}, which is not allowed",
@@ -92,7 +97,8 @@ def _error_to_spec_error(err: jsonschema.ValidationError, doc: Doc) -> SpecError
     if validator in ("minItems", "minProperties"):
         return SpecError(doc.loc(*path), f"{where} is empty", "give at least one entry")
     if validator == "pattern":
-        return SpecError(doc.loc(*path), f"'{err.instance}' in {where} is not a valid name",
+        key_loc = doc.key_locs.get(path + (err.instance,)) if isinstance(err.instance, str) else None
+        return SpecError(key_loc or doc.loc(*path), f"'{err.instance}' in {where} is not a valid name",
                          "names start with a letter or '_' and hold letters, digits and '_'")
     return SpecError(doc.loc(*path), f"{where}: {err.message}", "see `avdsl schema` for what is allowed here")
 
@@ -126,6 +132,8 @@ def validate(doc: Doc) -> None:
     # oneOf on a stream hides the more useful errors inside the stream: prefer the specific ones
     specific = []
     for err in errors:
+        if err.validator == "oneOf" and not isinstance(err.instance, dict):
+            continue  # a stream that is not a mapping: its type error says so
         if err.validator == "oneOf" and err.context:
             inner = [e for e in err.context if e.validator not in ("required",)]
             specific.extend(inner or [err])
@@ -138,7 +146,8 @@ def validate(doc: Doc) -> None:
     def rank(pair):
         error, e = pair
         shadowed = e.validator == "required" and tuple(e.absolute_path) in unknown_at
-        return (error.loc.file != doc.file, shadowed, error.loc.line, error.loc.column)
+        # at one place, a wrong type (a list where a mapping belongs) explains the other errors there
+        return (error.loc.file != doc.file, shadowed, error.loc.line, error.loc.column, e.validator != "type")
 
     converted.sort(key=rank)
     raise converted[0][0]
