@@ -1,0 +1,191 @@
+"""MaMMUT: exact parameter counts, the two decoder passes (what each may see), causality, the shared
+decoder weights and the tiny variant's training step."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from avdsl import routing
+from avdsl.api import analyse
+from avdsl.compiler import compile_graph
+from avdsl.ir import EncoderNode
+from avdsl.passes.cost import by_component
+from avdsl.runtime.text import ByteTokenizer, encode_batch, load_tokenizer
+
+PORT = ["vars.vocab=49408", "vars.context=77"]  # the public port's vocabulary and context
+
+# One ViT-B layer: 2 LayerNorms, QKV + output projection, MLP 768 -> 3072 -> 768, all with biases.
+LAYER = 2 * 1536 + (768 * 2304 + 2304) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
+# One cross-attention sub-layer: LayerNorm on the queries, Q, KV (from 768-wide image tokens), output.
+CROSS = 1536 + (768 * 768 + 768) + (768 * 1536 + 1536) + (768 * 768 + 768)
+
+
+def meta_count(analysis) -> int:
+    model = compile_graph(analysis.graph, "meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_layer_sizes_by_hand():
+    assert LAYER == 7_087_872
+    assert CROSS == 2_363_904
+
+
+@pytest.mark.parametrize("overrides, total", [([], 186_074_112), (PORT, 261_576_960)])
+def test_counts_match_the_built_model(overrides, total):
+    analysis = analyse("mammut", overrides)
+    assert analysis.cost.total_params == total
+    assert analysis.cost.total_frozen == 0
+    assert meta_count(analysis) == total
+
+
+def test_port_count_per_component():
+    analysis = analyse("mammut", PORT)
+    parts = by_component(analysis.graph, analysis.cost)
+    assert parts == {
+        "streams.image": (3 * 256 * 768 + 768) + 196 * 768 + 768,  # patches, positions, CLS
+        "encoders.vision": 12 * LAYER + 1536,  # ViT-B/16 and its final LayerNorm
+        "outputs.image_embedding": 768 * 768,  # image projection, no bias
+        "streams.text": 49408 * 768 + 77 * 768,  # token table and learned positions
+        "encoders.decoder": 12 * LAYER + 6 * CROSS + 1536,  # 12 layers, 6 with cross-attention
+        "outputs.logits": 768 * 49408,  # untied vocabulary head, no bias
+    }
+    # what the public port (290,521,345) has on top of this spec
+    port_extra = 6 * (2 * 1536 + 768 * 3072 + 3072 + 3072 * 768 + 768)  # a 2nd MLP and 2 LNs per cross block
+    port_extra += 768 * 768 + 1536 + 1  # image -> decoder map, ViT pre-norm, logit scale
+    assert analysis.cost.total_params + port_extra == 290_521_345
+    vision = parts["streams.image"] + parts["encoders.vision"] + parts["outputs.image_embedding"]
+    assert vision + 1536 == 86_389_248  # the port's vision tower, which has a pre-norm
+
+
+def test_vocabulary_and_context_follow_the_vars():
+    analysis = analyse("mammut")
+    assert analysis.spec.vars["vocab"] == ByteTokenizer().vocab_size == 259
+    assert analysis.spec.inputs["caption"].dims == ("B", 64)
+    plugged = load_tokenizer("avdsl.runtime.text:ByteTokenizer")
+    assert plugged.vocab_size == analysis.spec.vars["vocab"]
+    port = analyse("mammut", PORT)
+    assert port.spec.inputs["caption"].dims == ("B", 77)
+    assert port.graph.tensors["out.logits"].shape == ("B", 77, 49408)
+
+
+def _decoder_plans():
+    node = next(n for n in analyse("mammut").graph.of_type(EncoderNode) if n.id == "decoder")
+    return node.plans
+
+
+def test_contrastive_pass_is_bidirectional_text_only():
+    plan = _decoder_plans()["contrastive"]
+    for layer in plan.layers:
+        assert layer.sees() == {"text": {"text"}}
+        assert not layer.cross_attends()
+        assert not any(a.causal for a in layer.attends)
+        assert routing.token_mask(layer, {"text": 3}, ("text",)) == [[True] * 3] * 3
+
+
+def test_generative_pass_is_causal_with_cross_attention_every_other_layer():
+    plan = _decoder_plans()["generative"]
+    crossing = [i for i, layer in enumerate(plan.layers) if layer.cross_attends()]
+    assert crossing == [0, 2, 4, 6, 8, 10]
+    for layer in plan.layers:
+        (self_attend,) = layer.self_attends()
+        assert self_attend.keys == ("text",) and self_attend.causal
+        for a in layer.cross_attends():
+            assert a.keys == ("image_tokens",)
+        assert routing.token_mask(layer, {"text": 3}, ("text",)) == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    analysis = analyse("tiny/mammut")
+    return analysis, compile_graph(analysis.graph).eval()
+
+
+def _batch(b: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(b, 3, 32, 32, generator=g)
+    texts = [f"a photo of thing {i} on a table" for i in range(b)]
+    return pixels, encode_batch(ByteTokenizer(), texts, 16)
+
+
+def test_tiny_counts_match(tiny):
+    analysis, model = tiny
+    assert sum(p.numel() for p in model.parameters()) == analysis.cost.total_params == meta_count(analysis)
+
+
+def test_cross_attention_weights_only_in_crossing_layers(tiny):
+    _, model = tiny
+    blocks = model.decoder.blocks["shared"]
+    assert [hasattr(b, "cross_q") for b in blocks] == [True, False, True, False]
+
+
+@torch.no_grad()
+def test_contrastive_text_cannot_see_the_image(tiny):
+    _, model = tiny
+    pixels, caption = _batch()
+    out = model(pixels=pixels, caption=caption)["outputs"]
+    other = model(pixels=pixels + torch.randn_like(pixels), caption=caption)["outputs"]
+    assert torch.equal(out["text_embedding"], other["text_embedding"])  # bit for bit
+    assert not torch.allclose(out["logits"], other["logits"])  # the generative pass reads the image
+    assert not torch.allclose(out["image_embedding"], other["image_embedding"])
+
+
+@torch.no_grad()
+def test_generative_pass_is_causal_and_contrastive_is_not(tiny):
+    _, model = tiny
+    pixels, caption = _batch()
+    t = 9
+    changed = caption.clone()
+    changed[:, t] = (changed[:, t] + 7) % 256 + 3
+    vision = model.vision(image=model.image_cls.prepend(model.image_position(model.image_tokenize(pixels))))["image"]
+
+    def decode(ids):
+        return model.decoder(text=model.text_position(model.text_tokenize(ids)), image_tokens=vision)
+
+    before, after = decode(caption), decode(changed)
+    gen_b, gen_a = before["generative.text"], after["generative.text"]
+    assert torch.equal(gen_b[:, :t], gen_a[:, :t])  # earlier positions never see token t
+    assert not torch.allclose(gen_b[:, t:], gen_a[:, t:])
+    con_b, con_a = before["contrastive.text"], after["contrastive.text"]
+    assert not torch.allclose(con_b[:, :t], con_a[:, :t])  # bidirectional: everyone sees token t
+
+
+def test_gradients_of_both_passes_add_up(tiny):
+    analysis, _ = tiny
+    torch.manual_seed(0)
+    model = compile_graph(analysis.graph)
+    pixels, caption = _batch()
+
+    def grads(name: str | None):
+        model.zero_grad()
+        out = model(pixels=pixels, caption=caption)
+        (out["loss"] if name is None else out["losses"][name]).backward()
+        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+    total, contrastive, captioning = grads(None), grads("contrastive"), grads("captioning")
+    qkv = "decoder.blocks.shared.1.qkv.weight"  # a self-attention weight both passes use
+    assert contrastive[qkv].abs().sum() > 0 and captioning[qkv].abs().sum() > 0
+    cross = "decoder.blocks.shared.0.cross_q.weight"  # only the generative pass uses it
+    assert contrastive[cross].abs().sum() == 0 and captioning[cross].abs().sum() > 0
+    for name in total:
+        torch.testing.assert_close(total[name], contrastive[name] + captioning[name], rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_trains_one_step_quickly(tiny):
+    analysis, _ = tiny
+    # forward + backward of a batch of 8 is about 3x the forward FLOPs: well under a second on a CPU
+    assert 3 * 8 * analysis.cost.total_flops < 1e9
+    model = compile_graph(analysis.graph)
+    pixels, caption = _batch()
+    model(pixels=pixels, caption=caption)["loss"].backward()  # warm-up
+    model.zero_grad()
+    start = time.perf_counter()
+    out = model(pixels=pixels, caption=caption)
+    out["loss"].backward()
+    elapsed = time.perf_counter() - start
+    assert set(out["losses"]) == {"contrastive", "captioning"}
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert elapsed < 5.0, f"a tiny step took {elapsed:.2f} s"  # loose: the test machine may be busy
