@@ -165,6 +165,8 @@ def diff_analyses(a: Analysis, b: Analysis, names: tuple[str, str] = ("a", "b"))
     """The semantic difference from ``a`` to ``b`` as plain data."""
     pa, fa = _components(a)
     pb, fb = _components(b)
+    renamed = {f"encoders.{x}": f"encoders.{y}" for x, y in pair_encoders(a, b) if x and y and x != y}
+    pa, fa = ({renamed.get(k, k): v for k, v in side.items()} for side in (pa, fa))  # compare a renamed encoder with itself
     values = {s: _changes(_flat(a.doc.data.get(s) or {}), _flat(b.doc.data.get(s) or {})) for s in VALUE_SECTIONS}
     return {
         "a": {"ref": names[0], "name": a.spec.name, "params": a.cost.total_params, "flops": a.cost.total_flops},
