@@ -185,3 +185,17 @@ def test_tiny_trains_one_step_quickly():
                               "video_position.pos"]
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert elapsed < 5.0, f"a tiny step took {elapsed:.2f} s"  # loose: the test machine may be busy
+
+
+def test_share_must_name_another_from_stream():
+    import pytest
+
+    from avdsl.diagnostics import SpecError
+
+    for bad in ("decoder_vid", "audio", "decoder_video"):
+        with pytest.raises(SpecError, match="must name another `from:` stream"):
+            analyse("cav-mae", [f"streams.decoder_video.share={bad}"])
+    with pytest.raises(SpecError, match="'decoder_video' itself shares the weights of 'decoder_audio'"):
+        analyse("cav-mae", ["streams.decoder_audio.share=decoder_video"])
+    with pytest.raises(SpecError, match="both or neither need `restore:`"):
+        analyse("cav-mae", ["streams.a.share=decoder_audio"])

@@ -189,3 +189,12 @@ def test_tiny_trains_one_step_quickly(tiny):
     assert torch.isfinite(out["loss"])
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert elapsed < 5.0, f"a tiny step took {elapsed:.2f} s"  # loose: the test machine may be busy
+
+
+def test_memory_name_may_not_shadow_a_stream(write_spec):
+    from avdsl.diagnostics import SpecError
+    from avdsl.loader import load_file
+
+    text = load_file("tiny/mammut").resolved_text().replace("image_tokens", "text")
+    with pytest.raises(SpecError, match="memory name 'text' is also a stream"):
+        analyse(write_spec(text))
