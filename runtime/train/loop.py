@@ -168,11 +168,12 @@ def train(
         counters.update({k: int(v) for k, v in loaded.counters.items()})
         if main:
             console.print(f"resuming from {latest} (step {start_step})")
-    elif main:
-        if config.resume:
-            console.print(f"no checkpoint in {run_dir}; starting from step 0")
-        _check_fresh_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        _check_fresh_run_dir(run_dir)  # on every rank, so that all of them stop together
+        if main:
+            if config.resume:
+                console.print(f"no checkpoint in {run_dir}; starting from step 0")
+            run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier(info)
 
     def run_eval() -> dict:
