@@ -73,6 +73,38 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * e)
 
 
+def _cat(parts: list) -> torch.Tensor:
+    """Concatenate along the token dim (no copy for a single part)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _over_streams(fn, x: dict, names: list) -> dict:
+    """Apply a token-wise function once over the concatenated tokens of ``names``; split per stream."""
+    y = fn(_cat([x[s] for s in names]))
+    return dict(zip(names, torch.split(y, [x[s].shape[1] for s in names], dim=1)))
+
+
+def _project_qkv(blk: "Block", norm: nn.Module, x: dict, queries: list, keys: list) -> tuple[dict, dict]:
+    """Queries {stream: [B, N, D]} and packed keys-values {stream: [B, N, 2D]}. Streams that are both
+    query and key (the usual case) share one fused QKV matmul; a key-only stream skips its Q and a
+    query-only stream its K and V, so the work matches what the cost pass counts."""
+    d = blk.proj.in_features
+    w, b = blk.qkv.weight, blk.qkv.bias
+    both = [s for s in queries if s in keys]
+    q: dict = {}
+    kv: dict = {}
+    if both:
+        for s, y in _over_streams(lambda t: blk.qkv(norm(t)), x, both).items():
+            q[s], kv[s] = y[..., :d], y[..., d:]
+    q_only = [s for s in queries if s not in keys]
+    if q_only:
+        q.update(_over_streams(lambda t: F.linear(norm(t), w[:d], None if b is None else b[:d]), x, q_only))
+    k_only = [s for s in keys if s not in queries]
+    if k_only:
+        kv.update(_over_streams(lambda t: F.linear(norm(t), w[d:], None if b is None else b[d:]), x, k_only))
+    return q, kv
+
+
 def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int], device) -> torch.Tensor:
     """Boolean mask [Nq, Nk] for a causal stream that also reads other streams: all of the other
     streams, and its own tokens up to itself."""
@@ -177,33 +209,33 @@ class StreamTransformer(nn.Module):
         return new
 
     def self_attention(self, blk: Block, nk: str, attends: list, x: dict) -> dict:
-        needed = list(dict.fromkeys([a[0] for a in attends] + [k for a in attends for k in a[1]]))
-        sizes = {s: x[s].shape[1] for s in needed}
-        cat = torch.cat([x[s] for s in needed], dim=1) if len(needed) > 1 else x[needed[0]]
-        qkv = blk.qkv(blk.norm1[nk](cat))
-        per = dict(zip(needed, torch.split(qkv, [sizes[s] for s in needed], dim=1))) if len(needed) > 1 else {needed[0]: qkv}
+        """Self-attention of one weight set: Q for query streams and K, V for key streams, each
+        projected once; then one SDPA per group of query streams that read the same keys; then one
+        output projection over every query token."""
+        queries = list(dict.fromkeys(a[0] for a in attends))
+        keys = list(dict.fromkeys(k for a in attends for k in a[1]))
+        q, kv = _project_qkv(blk, blk.norm1[nk], x, queries, keys)
+        sizes = {s: x[s].shape[1] for s in queries + keys}
         groups: dict[tuple, list[str]] = {}
         for a in attends:
             groups.setdefault((a[1], a[3]), []).append(a[0])
-        width = cat.shape[-1]
-        out = {}
-        for (keys, causal), qs in groups.items():
-            q = torch.cat([per[s][..., :width] for s in qs], dim=1) if len(qs) > 1 else per[qs[0]][..., :width]
-            kv = torch.cat([per[s][..., width:] for s in keys], dim=1) if len(keys) > 1 else per[keys[0]][..., width:]
-            k, v = kv.chunk(2, dim=-1)
-            qh, kh, vh = _heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads)
-            if causal and len(qs) == 1 and keys == (qs[0],):
+        order, ys = [], []
+        for (group_keys, causal), qs in groups.items():
+            k, v = _cat([kv[s] for s in group_keys]).chunk(2, dim=-1)
+            qh, kh, vh = _heads(_cat([q[s] for s in qs]), blk.heads), _heads(k, blk.heads), _heads(v, blk.heads)
+            if causal and len(qs) == 1 and group_keys == (qs[0],):
                 y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
             elif causal:
-                masks = [_prefix_causal_mask(s, keys, sizes, q.device) if s in keys else
-                         torch.ones(sizes[s], sum(sizes[k_] for k_ in keys), dtype=torch.bool, device=q.device) for s in qs]
+                masks = [_prefix_causal_mask(s, group_keys, sizes, qh.device) if s in group_keys else
+                         torch.ones(sizes[s], sum(sizes[k_] for k_ in group_keys), dtype=torch.bool, device=qh.device)
+                         for s in qs]
                 y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
             else:
                 y = F.scaled_dot_product_attention(qh, kh, vh)
-            y = blk.drop(blk.proj(_merge_heads(y)))
-            parts = torch.split(y, [sizes[s] for s in qs], dim=1) if len(qs) > 1 else (y,)
-            out.update(zip(qs, parts))
-        return out
+            order += qs
+            ys.append(_merge_heads(y))
+        y = blk.drop(blk.proj(_cat(ys)))
+        return dict(zip(order, torch.split(y, [sizes[s] for s in order], dim=1)))
 
     def cross_attention(self, blk: Block, nk: str, attend: tuple, h: torch.Tensor, x: dict) -> torch.Tensor:
         memory = torch.cat([x[k] for k in attend[1]], dim=1) if len(attend[1]) > 1 else x[attend[1][0]]
