@@ -275,40 +275,7 @@ def _stream_with_vars(s: StreamDecl, sizes: dict) -> StreamDecl:
     return replace(s, **calls)
 
 
-def number_vars(values: dict) -> dict:
-    """The vars that hold whole numbers (the others name rule sets)."""
-    return {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
-
-
-def with_vars(node, sizes: dict):
-    """``node`` with every bare name that is a numeric var replaced by its value, so a size is written
-    once and changed with ``--set vars.NAME=VALUE``: ``embed(vocab)``, ``linear(x, vocab)``."""
-    if isinstance(node, ex.Ref) and len(node.parts) == 1 and node.name in sizes:
-        return ex.Num(sizes[node.name], node.col)
-    if isinstance(node, ex.Call):
-        return replace(node, args=tuple(with_vars(a, sizes) for a in node.args),
-                       kwargs=tuple((k, with_vars(v, sizes)) for k, v in node.kwargs))
-    if isinstance(node, ex.ListExpr):
-        return replace(node, items=tuple(with_vars(i, sizes) for i in node.items))
-    if isinstance(node, ex.BinOp):
-        return replace(node, left=with_vars(node.left, sizes), right=with_vars(node.right, sizes))
-    if isinstance(node, ex.Neg):
-        return replace(node, operand=with_vars(node.operand, sizes))
-    return node
-
-
-def _input_with_vars(decl: InputDecl, sizes: dict) -> InputDecl:
-    """``caption[B, context]`` with ``vars: {context: 77}`` declares ``caption[B, 77]``."""
-    return replace(decl, dims=tuple(sizes.get(d, d) if isinstance(d, str) else d for d in decl.dims))
-
-
-def _stream_with_vars(s: StreamDecl, sizes: dict) -> StreamDecl:
-    calls = {k: with_vars(getattr(s, k), sizes) for k in ("tokenizer", "position", "drop", "mask") if getattr(s, k) is not None}
-    return replace(s, **calls)
-
-
 def from_doc(doc: Doc) -> Spec:
-
 
     """Validate ``doc`` against the schema and parse every expression in it."""
     validate(doc)
