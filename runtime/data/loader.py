@@ -42,3 +42,21 @@ def make_loader(
         persistent_workers=workers > 0,
         drop_last=drop_last,
     )
+
+
+class Materialized(Dataset):
+    """A data set rendered once into memory. The embedded synthetic data is generated on the fly;
+    a short CPU run renders each clip many times otherwise, which costs more than the model."""
+
+    def __init__(self, dataset: Dataset, progress=None):
+        self.items = []
+        for i in range(len(dataset)):
+            self.items.append(dataset[i])
+            if progress is not None:
+                progress(i + 1, len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]

@@ -1,0 +1,242 @@
+"""`avdsl train`, `avdsl eval`, `avdsl export`: train a spec on data, evaluate and export checkpoints.
+
+Data is the embedded synthetic audio-visual set by default (rendered at the sizes the spec declares,
+nothing to download) or a manifest of real media files (`--data clips/manifest.jsonl`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..api import analyse_doc
+from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, app, err, out
+from ..diagnostics import Loc, SpecError
+from ..loader import load_file, load_text
+
+TRAIN_DEFAULTS = {"train_size": 2048, "val_size": 256}
+
+
+def _datasets(model, data: str, train_size: int, val_size: int, seed: int, materialize: bool):
+    """(train set, validation set) for a model's declared inputs."""
+    from ..runtime.data import MediaDataset, SyntheticAV
+    from ..runtime.data.loader import Materialized
+
+    if data == "synthetic":
+        train_set = SyntheticAV(model.inputs, train_size, seed=seed, split="train")
+        val_set = SyntheticAV(model.inputs, val_size, seed=seed, split="val")
+        if materialize:
+            with Progress(TextColumn("rendering synthetic clips"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeRemainingColumn(), console=err, transient=True) as bar:
+                task = bar.add_task("render", total=train_size + val_size)
+                train_set = Materialized(train_set, lambda i, n: bar.update(task, completed=i))
+                val_set = Materialized(val_set, lambda i, n: bar.update(task, completed=train_size + i))
+        return train_set, val_set
+    path = Path(data)
+    if not path.is_file():
+        raise SpecError(Loc(data), f"--data: no manifest file '{data}'",
+                        "pass `synthetic` (the default) or a .csv/.jsonl manifest of media files")
+    return (MediaDataset(path, model.inputs, split="train", train=True),
+            MediaDataset(path, model.inputs, split="val", train=False))
+
+
+def _config(spec_train: dict, options: dict):
+    from ..runtime.train import TrainConfig
+
+    merged = {**{k: v for k, v in spec_train.items() if k not in TRAIN_DEFAULTS}, **{k: v for k, v in options.items() if v is not None}}
+    try:
+        return TrainConfig.from_dict(merged)
+    except (TypeError, ValueError) as e:
+        raise SpecError(Loc("<options>"), f"invalid training setting: {e}", "see `avdsl train --help`") from None
+
+
+def _default_run_dir(name: str, resume: bool) -> str:
+    base = Path("runs")
+    safe = name.replace("/", "-")
+    if resume:
+        previous = sorted(base.glob(f"{safe}-*"))
+        if previous:
+            return str(previous[-1])
+        raise SpecError(Loc("<options>"), f"--resume: no earlier run of '{name}' under runs/", "pass --run-dir DIR of the run to continue")
+    return str(base / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict) -> dict:
+    """Build and train in this process (called directly, or once per rank by `--nproc`)."""
+    import torch
+
+    from ..compiler import compile_graph
+    from ..runtime.train import setup_distributed, train
+
+    info = setup_distributed()
+    analysis = analyse_doc(load_file(spec, overrides))
+    torch.manual_seed(options.get("seed") or 0)
+    model = compile_graph(analysis.graph)
+    config = _config(analysis.spec.train, options)
+    train_set, val_set = _datasets(model, data, sizes["train_size"], sizes["val_size"], config.seed,
+                                   materialize=data == "synthetic" and config.workers == 0)
+    summary = train(model, train_set, val_set, config, model.spec_text, model.spec_hash,
+                    console=out if info.is_main else None)
+    return summary.to_dict()
+
+
+def _worker(spec, overrides, options, data, sizes):  # module level: started once per process by --nproc
+    _train_process(spec, overrides, options, data, sizes)
+
+
+@app.command("train")
+def train_command(
+    spec: str = typer.Argument(..., help="A spec file or built-in name, e.g. `tiny/zorro`."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value (repeatable)."),
+    data: str = typer.Option("synthetic", "--data", help="`synthetic` (embedded, generated) or a .csv/.jsonl manifest of media files."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the spec's `train.steps`)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-process batch size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where checkpoints, metrics.jsonl, curves.png and summary.json go."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of --run-dir (or of the newest run of this spec)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on the held-out split every N steps."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N steps."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (DDP; gloo on CPU, nccl on GPU)."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", help="Synthetic clips in the training split."),
+    val_size: Optional[int] = typer.Option(None, "--val-size", help="Synthetic clips in the held-out split."),
+) -> None:
+    """Train SPEC and print live progress, held-out metrics before and after, and a summary.
+
+    The run directory gets checkpoints (safetensors weights, optimizer/scheduler/RNG state, the
+    resolved spec and its hash; written atomically), metrics.jsonl, curves.png and summary.json.
+
+    Examples:
+
+      avdsl train tiny/zorro
+
+      avdsl train tiny/cav-mae --steps 200 --precision bf16
+
+      avdsl train tiny/zorro --run-dir runs/a --resume
+
+      avdsl train tiny/mbt --nproc 2
+
+    Several machines: `torchrun --nproc_per_node N -m avdsl train SPEC ...` (each process trains its shard).
+    """
+    from ..runtime.train import CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
+
+    doc = load_file(spec, set_ or [])
+    analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts
+    spec_train = analysis.spec.train
+    sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision, "compile": compile_,
+               "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "workers": workers,
+               "device": device, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
+               "run_dir": run_dir or _default_run_dir(analysis.spec.name, resume)}
+    out.print(f"training [bold]{analysis.spec.name}[/] ({doc.file}) -> {options['run_dir']}")
+    try:
+        if nproc > 1:
+            launch(nproc, _worker, spec, set_ or [], options, data, sizes)
+            summary_path = Path(options["run_dir"]) / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        else:
+            summary = _train_process(spec, set_ or [], options, data, sizes)
+    except NonFiniteLoss as e:
+        err.print(f"[bold red]error[/]: {e}")
+        err.print("hint: lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
+                  "the last good checkpoint is kept (resume with --resume)")
+        raise typer.Exit(EXIT_FINDINGS)
+    except CheckpointMismatch as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(EXIT_BAD_SPEC)
+    except CheckpointWriteError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(EXIT_FINDINGS)
+    except FileExistsError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        err.print("hint: pass --resume to continue that run, or another --run-dir")
+        raise typer.Exit(EXIT_BAD_SPEC)
+    if summary.get("interrupted"):
+        raise typer.Exit(130)
+
+
+def _load_run(checkpoint: str, set_: list):
+    """The spec stored with a checkpoint, its model with the checkpoint's weights, and the checkpoint."""
+    from ..compiler import compile_graph
+    from ..runtime.train import find_latest, load_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / "model.safetensors").is_file():
+        latest = find_latest(path)
+        if latest is None:
+            raise SpecError(Loc(checkpoint), "no complete checkpoint here", "pass a run directory or one of its step-* folders")
+        path = latest
+    spec_file = path / "spec.yaml"
+    if not spec_file.is_file():
+        raise SpecError(Loc(checkpoint), "this is not a checkpoint (no spec.yaml)", "pass a run directory or one of its step-* folders")
+    analysis = analyse_doc(load_text(spec_file.read_text(), str(spec_file), set_))
+    model = compile_graph(analysis.graph)
+    load_checkpoint(path, model, spec_hash=None if set_ else model.spec_hash)
+    return analysis, model, path
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: str = typer.Argument(..., help="A run directory (its newest checkpoint) or a step-* checkpoint folder."),
+    data: str = typer.Option("synthetic", "--data", help="`synthetic` or a manifest; the held-out (val) split is used."),
+    batches: int = typer.Option(8, "--batches", help="Evaluation batches."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
+) -> None:
+    """Evaluate a checkpoint on held-out data: retrieval R@1/5/10 and median rank for contrastive
+    pairs, accuracy/mAP for classifiers, reconstruction error, caption loss, every loss term."""
+    from rich.table import Table
+
+    from ..runtime.train import evaluate
+
+    analysis, model, path = _load_run(checkpoint, [])
+    stored = analysis.spec.train
+    _, val_set = _datasets(model, data, 1, max(batches * batch_size, stored.get("val_size", 0)), stored.get("seed", 0), False)
+    metrics = evaluate(model, val_set, batches, batch_size)
+    if as_json:
+        print(json.dumps({"checkpoint": str(path), **metrics}, indent=2))
+        return
+    table = Table(title=f"{analysis.spec.name} @ {path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    out.print(table)
+
+
+@app.command("export")
+def export_command(
+    checkpoint: str = typer.Argument(..., help="A run directory or a step-* checkpoint folder."),
+    format: str = typer.Option("torch-export", "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: model.pt2 / model.onnx in the checkpoint folder)."),
+    batch: int = typer.Option(2, "--batch", help="Example batch size used for tracing."),
+) -> None:
+    """Write a deployable model from a checkpoint and check it against eager outputs."""
+    import torch
+
+    from ..runtime.train import ExportError, export
+    from ..runtime.trial import random_batch
+
+    if format not in ("torch-export", "onnx"):
+        raise SpecError(Loc("<options>"), f"--format {format!r} is not supported", "use torch-export or onnx")
+    _, model, path = _load_run(checkpoint, [])
+    model.eval()
+    example = random_batch(model.inputs, batch)
+    target = Path(output) if output else path / ("model.pt2" if format == "torch-export" else "model.onnx")
+    try:
+        written = export(model, example, target, format)
+    except ExportError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(EXIT_FINDINGS)
+    with torch.no_grad():
+        _ = model(**example)
+    out.print(f"wrote {written}")
