@@ -119,6 +119,14 @@ def eval_plan(graph: Graph) -> EvalPlan:
                 recon.append(name)
             elif call.op == "next_token" and name not in caption:
                 caption.append(name)
+    # an output averaging classifier logits (MBT: per-modality heads, averaged at evaluation) is scored too
+    scored = {c.logits: c for c in classifiers}
+    for out_name, tensor in graph.outputs.items():
+        node = graph.node(graph.producer[tensor])
+        if isinstance(node, CallNode) and node.op == "avg":
+            parts = [scored.get(outputs_by_tensor.get(i)) for i in node.inputs]
+            if parts and all(parts) and len({(c.target, c.multilabel) for c in parts}) == 1:
+                classifiers.insert(0, Classifier(out_name, parts[0].target, parts[0].multilabel))
     return EvalPlan(tuple(retrieval), tuple(classifiers), tuple(recon), tuple(caption))
 
 

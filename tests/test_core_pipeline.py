@@ -215,3 +215,14 @@ def test_emit_code_is_the_code_that_runs(run_cli, tiny_zorro):
     assert code == 0
     assert out.strip() == tiny_zorro[1].code.strip()
     assert "self.backbone(audio=audio_pos, video=video_pos, fusion=fusion_latent)" in out
+
+
+def test_eval_plan_reads_tasks_off_the_losses():
+    from avdsl.compiler import eval_plan
+
+    plan = eval_plan(analyse("zorro-supervised").graph)
+    assert [(p.query, p.key) for p in plan.retrieval] == [("za", "zv"), ("za", "zf"), ("zv", "zf")]
+    assert [(c.logits, c.target, c.multilabel) for c in plan.classifiers] == [("logits", "label", False)]
+    # MBT trains per-modality heads and evaluates their average: the averaged logits are scored first
+    plan = eval_plan(analyse("mbt-cls").graph)
+    assert [c.logits for c in plan.classifiers] == ["logits", "logits_audio", "logits_video"]
