@@ -50,10 +50,15 @@ class Materialized(Dataset):
 
     def __init__(self, dataset: Dataset, progress=None):
         self.items = []
-        for i in range(len(dataset)):
-            self.items.append(dataset[i])
-            if progress is not None:
-                progress(i + 1, len(dataset))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # clips are small: one thread renders 2-3x faster than two contending
+        try:
+            for i in range(len(dataset)):
+                self.items.append(dataset[i])
+                if progress is not None:
+                    progress(i + 1, len(dataset))
+        finally:
+            torch.set_num_threads(threads)
 
     def __len__(self) -> int:
         return len(self.items)
