@@ -1,0 +1,9 @@
+"""Benchmarks of avdsl models (not tests: they time things and print ratios side by side).
+
+    python -m benchmarks peak                 # fp32 and bf16 matmul peak of this machine
+    python -m benchmarks attention            # planned vs dense-masked vs unmasked attention, paper token counts
+    python -m benchmarks step SPEC...         # training step: eager fp32, eager bf16, compiled bf16
+    python -m benchmarks compile SPEC...      # cold vs warm build + compile (compile cache)
+
+Every command takes ``--json``. `avdsl bench` runs the step benchmark from the command line.
+"""

@@ -1,0 +1,79 @@
+"""Cold vs warm build + compile, each in a fresh Python process.
+
+Three runs per spec, each a new process that builds the model from the spec, `torch.compile`s it
+(fullgraph) and runs one forward + backward:
+  cold          empty avdsl cache, empty inductor cache: everything is compiled;
+  warm          the avdsl compile cache filled by the cold run, a *new empty* inductor cache: only
+                `avdsl.runtime.compile_cache` can help (what a fresh machine or container sees);
+  inductor-only the inductor cache dir of the cold run, no avdsl cache: PyTorch's own on-disk caches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from avdsl.api import analyse
+from avdsl.compiler import compile_graph
+from avdsl.runtime import compile_cache
+from avdsl.runtime.trial import random_batch, timed_step
+
+
+def once(spec: str, batch: int, precision: str) -> dict:
+    """Build + compile + one training forward/backward in this process, using the compile cache."""
+    start = time.perf_counter()
+    analysis = analyse(spec)
+    model = compile_graph(analysis.graph).train()
+    build_s = time.perf_counter() - start
+    key = compile_cache.CacheKey(model.spec_hash, precision, batch, "train")
+    loaded = compile_cache.load(key)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+    data = random_batch(model.inputs, batch)
+    step_start = time.perf_counter()
+    timed_step(compiled, data, precision)
+    compile_s = time.perf_counter() - step_start
+    saved = None if loaded else compile_cache.save(key)
+    return {"build_s": build_s, "compile_s": compile_s, "total_s": time.perf_counter() - start,
+            "cache_loaded": loaded, "cache_saved": str(saved) if saved else None, "graph_breaks": 0}
+
+
+def _subprocess(spec: str, batch: int, precision: str, avdsl_dir: str, inductor_dir: str) -> dict:
+    env = dict(os.environ, AVDSL_CACHE_DIR=avdsl_dir, TORCHINDUCTOR_CACHE_DIR=inductor_dir)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "compile-once", spec, "--batch", str(batch),
+                           "--precision", precision], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode:
+        raise RuntimeError(f"compile of {spec} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - start  # includes starting Python and importing torch
+    return result
+
+
+def run(specs: list[str], batch: int, precision: str) -> dict:
+    rows = []
+    for spec in specs:
+        with tempfile.TemporaryDirectory() as root:
+            avdsl, empty = f"{root}/avdsl", f"{root}/avdsl-empty"
+            ind_cold, ind_warm = f"{root}/inductor-cold", f"{root}/inductor-warm"
+            runs = {"cold": _subprocess(spec, batch, precision, avdsl, ind_cold),
+                    "warm": _subprocess(spec, batch, precision, avdsl, ind_warm),
+                    "inductor-only": _subprocess(spec, batch, precision, empty, ind_cold)}
+        rows.append({"spec": spec, "batch": batch, "precision": precision, "runs": runs})
+    return {"rows": rows}
+
+
+def render(result: dict) -> str:
+    lines = [f"{'spec':<16}{'run':<15}{'build s':>9}{'compile+step s':>16}{'in-process s':>14}{'process s':>11}  cache"]
+    for r in result["rows"]:
+        for name, x in r["runs"].items():
+            cache = "loaded" if x["cache_loaded"] else ("saved" if x["cache_saved"] else "-")
+            lines.append(f"{r['spec']:<16}{name:<15}{x['build_s']:>9.2f}{x['compile_s']:>16.2f}{x['total_s']:>14.2f}"
+                         f"{x['process_s']:>11.2f}  {cache}")
+    return "\n".join(lines)

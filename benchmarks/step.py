@@ -1,0 +1,90 @@
+"""A training step (forward, backward, AdamW) per spec: eager fp32, eager bf16, compiled bf16.
+
+Achieved FLOP/s uses the cost pass as the numerator: a training step is ~3x the forward FLOPs
+(`Cost.total_flops`, which counts only the attention pairs the routing allows) times the batch. The
+machine's matmul peaks are measured first in the same run, so the fractions compare like with like.
+A configuration whose predicted time (FLOPs / half the peak of its dtype) exceeds the budget is
+skipped and reported as such rather than left running for an hour.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from avdsl.api import analyse
+from avdsl.compiler import compile_graph
+from avdsl.runtime.trial import random_batch
+
+from .timing import machine_peaks
+
+MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"))
+
+
+def make_step(model, optimizer, batch: dict, precision: str):
+    """One optimisation step as a closure; returns the loss."""
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int) -> dict:
+    """Build a fresh model, run one untimed step (for `compiled`: the compile), then ``reps`` timed."""
+    analysis = analyse(spec)
+    torch.manual_seed(0)
+    model = compile_graph(analysis.graph).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    runner = torch.compile(model, fullgraph=True) if mode == "compiled" else model
+    step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
+    start = time.perf_counter()
+    loss = float(step())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"step_s": min(times), "first_step_s": first, "loss": loss}
+
+
+def run(specs: list[str], batch: int | None, reps: int, budget: float) -> dict:
+    peaks = machine_peaks()
+    rows = []
+    for spec in specs:
+        analysis = analyse(spec)
+        b = batch or int(analysis.spec.dims.get("B", 2))
+        flops = 3 * analysis.cost.total_flops * b
+        for mode, precision in MODES:
+            peak = peaks[f"{precision}_tflops"] * 1e12
+            row = {"spec": spec, "batch": b, "mode": mode, "precision": precision, "step_flops": flops}
+            predicted = flops / (0.5 * peak)
+            if predicted > budget:
+                row["skipped"] = f"predicted {predicted:.0f} s per step at half the {precision} peak > budget {budget:.0f} s"
+            else:
+                row.update(time_mode(spec, b, mode, precision, reps))
+                row["tflops"] = flops / row["step_s"] / 1e12
+                row["of_bf16_peak"] = row["tflops"] / peaks["bf16_tflops"]
+                row["of_fp32_peak"] = row["tflops"] / peaks["fp32_tflops"]
+            rows.append(row)
+    return {"peaks": peaks, "rows": rows}
+
+
+def render(result: dict) -> str:
+    p = result["peaks"]
+    lines = [f"matmul peak ({p['threads']} threads, {p['cpu']}): fp32 {p['fp32_tflops']:.4f} TFLOP/s, "
+             f"bf16 {p['bf16_tflops']:.4f} TFLOP/s",
+             f"{'spec':<16}{'batch':>6} {'mode':<9}{'prec':<6}{'GFLOP':>9}{'step ms':>10}{'TFLOP/s':>9}"
+             f"{'%bf16pk':>9}{'%fp32pk':>9}{'loss':>9}"]
+    for r in result["rows"]:
+        head = f"{r['spec']:<16}{r['batch']:>6} {r['mode']:<9}{r['precision']:<6}{r['step_flops'] / 1e9:>9.1f}"
+        if "skipped" in r:
+            lines.append(f"{head}  skipped: {r['skipped']}")
+        else:
+            lines.append(f"{head}{r['step_s'] * 1e3:>10.1f}{r['tflops']:>9.4f}{100 * r['of_bf16_peak']:>8.0f}%"
+                         f"{100 * r['of_fp32_peak']:>8.0f}%{r['loss']:>9.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Timing helpers shared by the benchmarks: best-of-N wall time and the machine's matmul peak."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def best_of(fn, reps: int = 3, warmup: int = 1) -> float:
+    """The fastest of ``reps`` calls of ``fn()`` in seconds, after ``warmup`` untimed calls. The
+    minimum is the least noisy estimate on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def best_of_each(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
+    """Like `best_of` for several functions, interleaved round by round so that load from other
+    processes on a shared machine hits all of them alike. Returns {name: seconds}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a square matmul loop in ``dtype`` (the practical peak of this machine)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    start = time.perf_counter()
+    calls = 0
+    while time.perf_counter() - start < seconds or calls < 2:
+        a @ b
+        calls += 1
+    return 2 * size ** 3 * calls / (time.perf_counter() - start)
+
+
+def machine_peaks() -> dict:
+    """fp32 and bf16 matmul peaks in TFLOP/s. bf16 uses a smaller matrix: on CPUs without native
+    bf16 instructions it is emulated and a 1024 matmul takes seconds."""
+    return {"fp32_tflops": matmul_peak(torch.float32) / 1e12,
+            "bf16_tflops": matmul_peak(torch.bfloat16, size=512) / 1e12,
+            "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability()}

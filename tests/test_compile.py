@@ -1,0 +1,84 @@
+"""Compiled execution: every paper spec's tiny variant compiles as one graph (fullgraph, no graph
+breaks) and computes what eager computes; the compile cache is keyed by spec and survives bad blobs.
+
+Only the small Dynamo-only Zorro check runs by default; inductor compiles are `slow` (minutes on CPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avdsl.api import build_model
+from avdsl.runtime import compile_cache
+from avdsl.runtime.trial import random_batch
+
+TINY = ["tiny/zorro", "tiny/mbt", "tiny/vatt", "tiny/mammut", "tiny/cav-mae"]
+
+
+def _model_and_batch(name: str, batch: int = 2):
+    torch.manual_seed(0)
+    _, model = build_model(name)
+    model.train()
+    data = random_batch(model.inputs, batch)
+    return model, data
+
+
+def _loss_and_grads(model, data, runner, precision="fp32"):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same random masks / token drops in both runs
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = runner(**data)["loss"]
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_tiny_zorro_traces_as_one_graph_and_matches_eager():
+    torch._dynamo.reset()
+    model, data = _model_and_batch("tiny/zorro")
+    explained = torch._dynamo.explain(model)(**data)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    eager_loss, eager_grads = _loss_and_grads(model, data, model)
+    loss, grads = _loss_and_grads(model, data, compiled)
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiny_spec_compiles_with_inductor_without_graph_breaks(name, precision):
+    torch._dynamo.reset()
+    model, data = _model_and_batch(name)
+    compiled = torch.compile(model, fullgraph=True)  # a graph break raises here
+    eager_loss, eager_grads = _loss_and_grads(model, data, model, precision)
+    loss, grads = _loss_and_grads(model, data, compiled, precision)
+    tol = {"fp32": dict(rtol=1e-4, atol=1e-5), "bf16": dict(rtol=5e-2, atol=5e-2)}[precision]
+    torch.testing.assert_close(loss, eager_loss, **tol)
+    if precision == "fp32":
+        for n, g in eager_grads.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_cache_key_separates_what_changes_the_compiled_graphs():
+    base = compile_cache.CacheKey("abc", "fp32", 2)
+    assert base.file_name() == compile_cache.CacheKey("abc", "fp32", 2).file_name()
+    others = [compile_cache.CacheKey("abd", "fp32", 2), compile_cache.CacheKey("abc", "bf16", 2),
+              compile_cache.CacheKey("abc", "fp32", 4), compile_cache.CacheKey("abc", "fp32", 2, "eval")]
+    assert len({k.file_name() for k in others} | {base.file_name()}) == 5
+
+
+def test_cache_load_is_false_for_missing_or_corrupt_blobs(tmp_path):
+    key = compile_cache.CacheKey("spec", "fp32", 2)
+    assert compile_cache.load(key, tmp_path) is False
+    (tmp_path / key.file_name()).write_bytes(b"not a cache blob")
+    assert compile_cache.load(key, tmp_path) is False
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("AVDSL_CACHE_DIR", str(tmp_path))
+    assert compile_cache.default_dir() == tmp_path / "compile"
+    monkeypatch.delenv("AVDSL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.default_dir() == tmp_path / "xdg" / "avdsl" / "compile"
