@@ -53,10 +53,10 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int) -> di
 
 
 def run(specs: list[str], batch: int | None, reps: int, budget: float) -> dict:
+    analyses = {spec: analyse(spec) for spec in specs}  # spec mistakes surface before any timing
     peaks = machine_peaks()
     rows = []
-    for spec in specs:
-        analysis = analyse(spec)
+    for spec, analysis in analyses.items():
         b = batch or int(analysis.spec.dims.get("B", 2))
         flops = 3 * analysis.cost.total_flops * b
         for mode, precision in MODES:
