@@ -128,8 +128,10 @@ def write_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -
     left.set(title="loss", xlabel="step")
     # rates in [0, 1] share one axis; ranks and chance levels would squash them, so they are left out
     skip = ("kind", "step")
+    # R@5/R@10 follow R@1; plotting them too makes the panel unreadable (they are in metrics.jsonl)
     metric_names = sorted(
-        {k for r in evals for k in r if k not in skip and not is_loss(k) and "rank" not in k and "chance" not in k}
+        {k for r in evals for k in r if k not in skip and not is_loss(k) and "rank" not in k and "chance" not in k
+         and not k.endswith(("R@5", "R@10"))}
     )
     for name in metric_names:
         if points := series(evals, name):
@@ -172,8 +174,15 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("skipped steps", "", str(summary.skipped_steps))
     if summary.interrupted:
         table.add_row("interrupted", "", "yes (checkpoint written)")
+    # the headline metrics; R@5, R@10 and chance levels are in summary.json and metrics.jsonl
     for name in sorted(set(summary.baseline) | set(summary.final)):
-        table.add_row(name, _fmt(summary.baseline.get(name)), _fmt(summary.final.get(name)))
+        if name.endswith(("R@5", "R@10", "chance_r1")):
+            continue
+        after = _fmt(summary.final.get(name))
+        chance = summary.final.get(name.replace("R@1", "chance_r1")) if name.endswith("R@1") else None
+        if chance and isinstance(summary.final.get(name), float):
+            after += f" ({summary.final[name] / chance:.1f}x chance)"
+        table.add_row(name, _fmt(summary.baseline.get(name)), after)
     return table
 
 
