@@ -5,7 +5,7 @@ Two ways to start N processes, both ending in the same ``setup_distributed()``:
 * ``avdsl train spec.yaml --nproc N`` calls :func:`launch`, which spawns N local processes on
   127.0.0.1 with a free port;
 * the equivalent torchrun line is
-  ``torchrun --nproc_per_node N -m avdsl.cli train spec.yaml ...``; torchrun sets RANK,
+  ``torchrun --nproc_per_node N -m avdsl train spec.yaml ...``; torchrun sets RANK,
   WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which ``setup_distributed()`` reads.
 
 The backend is nccl when CUDA is available (one GPU per local rank) and gloo on CPU. The training
