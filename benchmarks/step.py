@@ -42,7 +42,7 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int) -> di
     runner = torch.compile(model, fullgraph=True) if mode == "compiled" else model
     step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
     start = time.perf_counter()
-    loss = float(step())
+    loss = float(step().detach())
     first = time.perf_counter() - start
     times = []
     for _ in range(reps):
@@ -66,7 +66,12 @@ def run(specs: list[str], batch: int | None, reps: int, budget: float) -> dict:
             if predicted > budget:
                 row["skipped"] = f"predicted {predicted:.0f} s per step at half the {precision} peak > budget {budget:.0f} s"
             else:
-                row.update(time_mode(spec, b, mode, precision, reps))
+                try:
+                    row.update(time_mode(spec, b, mode, precision, reps))
+                except Exception as e:  # report and go on with the other configurations
+                    row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    rows.append(row)
+                    continue
                 row["tflops"] = flops / row["step_s"] / 1e12
                 row["of_bf16_peak"] = row["tflops"] / peaks["bf16_tflops"]
                 row["of_fp32_peak"] = row["tflops"] / peaks["fp32_tflops"]

@@ -19,14 +19,17 @@ def best_of(fn, reps: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
-def best_of_each(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
+def best_of_each(fns: dict, reps: int = 5, warmup: int = 1, min_seconds: float = 3.0) -> dict:
     """Like `best_of` for several functions, interleaved round by round so that load from other
-    processes on a shared machine hits all of them alike. Returns {name: seconds}."""
+    processes on a shared machine hits all of them alike; at least ``reps`` rounds and at least
+    ``min_seconds`` in all, so fast calls get many tries. Returns {name: seconds}."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     best = {name: float("inf") for name in fns}
-    for _ in range(reps):
+    began, rounds = time.perf_counter(), 0
+    while rounds < reps or time.perf_counter() - began < min_seconds:
+        rounds += 1
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
