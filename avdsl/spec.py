@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
 from .loader import Doc
@@ -43,7 +42,6 @@ class StreamDecl:
     restore: str | None = None
     share: str | None = None  # a `from:` stream whose projection and mask token this one uses
     width: int | None = None
-
     loc: Loc = Loc("<spec>")
     locs: dict = field(default_factory=dict, compare=False, hash=False)  # key -> Loc
 
@@ -187,7 +185,7 @@ def _stream(doc: Doc, name: str, data: dict) -> StreamDecl:
                       type_embedding=bool(data.get("type_embedding", False)), cls=int(data.get("cls", 0)),
                       cls_position=bool(data.get("cls_position", False)),
                       restore=data.get("restore"), share=data.get("share"), width=data.get("width"),
- loc=doc.key_loc(*path), locs=locs, **kw)
+                      loc=doc.key_loc(*path), locs=locs, **kw)
 
 
 def _rules(doc: Doc, items: list, *path) -> tuple:
@@ -276,27 +274,23 @@ def _stream_with_vars(s: StreamDecl, sizes: dict) -> StreamDecl:
 
 
 def from_doc(doc: Doc) -> Spec:
-
     """Validate ``doc`` against the schema and parse every expression in it."""
     validate(doc)
     d = doc.data
     sizes = number_vars(d.get("vars") or {})
     inputs = {}
-
     for key, kind in d["inputs"].items():
         decl = _input(doc, str(key), kind)
         if decl.name in inputs:
             raise SpecError(decl.loc, f"input '{decl.name}' is declared twice", "give each input its own name", code="S101")
         inputs[decl.name] = _input_with_vars(decl, sizes)
     streams = {n: _stream_with_vars(_stream(doc, n, s), sizes) for n, s in d["streams"].items()}
-
     encoders = {n: _encoder(doc, n, e) for n, e in d["encoders"].items()}
     rule_sets = {n: _rules(doc, r, "rule_sets", n) for n, r in (d.get("rule_sets") or {}).items()}
     outputs = {n: NamedExpr(n, with_vars(ex.parse(t, "expr", doc.loc("outputs", n)), sizes), doc.loc("outputs", n))
                for n, t in (d.get("outputs") or {}).items()}
     losses = {n: NamedExpr(n, with_vars(ex.parse(t, "expr", doc.loc("losses", n)), sizes), doc.loc("losses", n))
               for n, t in (d.get("losses") or {}).items()}
-
     return Spec(name=d.get("name", "model"), doc_text=d.get("doc", ""), vars=dict(d.get("vars") or {}),
                 dims=dict(d.get("dims") or {}), inputs=inputs, streams=streams, encoders=encoders,
                 rule_sets=rule_sets, outputs=outputs, losses=losses, train=dict(d.get("train") or {}), source=doc)
