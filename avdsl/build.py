@@ -51,7 +51,7 @@ def _check_unique_names(spec: Spec) -> None:
               ("loss", spec.losses, lambda d: d.loc)]
     for kind, table, where in groups:
         for name, decl in table.items():
-            if name in seen and not (kind == "loss" and seen[name][0] != "loss" and False):
+            if name in seen:
                 other_kind, other_loc = seen[name]
                 raise SpecError(where(decl), f"the name '{name}' is used by {_a(other_kind)} (line {other_loc.line}) and {_a(kind)}",
                                 "give each input, stream, encoder, output and loss its own name", code="S101")
@@ -123,7 +123,6 @@ def build_graph(spec: Spec) -> Graph:
     for key, tensor in encoder_outputs.items():
         names.add(key, tensor, "encoder output")
     for name in spec.encoders:
-        names.kinds.setdefault(name, "encoder")
         names.kinds[name] = "encoder"
 
     _add_outputs(graph, spec, names)
@@ -236,14 +235,12 @@ def _check_share(spec: Spec, s) -> None:
 
 
 def _add_encoder(graph, spec, ename, enc, stream_tensor, encoder_outputs, names) -> None:
-
     plans = {}
     memory = tuple(enc.memory)
     for local in memory:
         if local in enc.streams:
             raise SpecError(enc.locs.get("memory", enc.loc), f"memory name '{local}' is also a stream of encoder '{ename}'",
                             f"give the memory its own local name, e.g. `memory: {{{local}_memory: {enc.memory[local].name}}}`")
-
     for pname, entries in enc.passes.items():
         depth = max([enc.sizes.depth] + [s.depth for s in enc.stream_sizes.values()])
         plans[pname] = plan_pass(pname, entries, enc.streams, memory, enc.weights, depth, spec.rule_sets, spec.vars)
