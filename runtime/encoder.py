@@ -4,7 +4,8 @@ The routing plan says, per layer, which query stream attends to which key stream
 Execution follows the plan's block structure instead of building a dense mask:
 
 - per weight set, the LayerNorm and the Q/K/V projection run once over every stream that set touches
-  (one matmul over the concatenated tokens);
+  (one matmul over the concatenated tokens); a key-only stream gets only K and V, a query-only stream
+  only Q, so the work is what `avdsl.passes.cost` counts;
 - query streams that read the same key streams form a group: their queries are concatenated and one
   unmasked `scaled_dot_product_attention` runs over exactly those keys (gathered once), with
   ``is_causal`` for a causal stream reading only itself. Work is proportional to what the routing
