@@ -280,9 +280,9 @@ _add(OpDef("embed", "tokenizer", "Look up token ids in an embedding table; with 
            (T("vocab", "int"), T("dim", "int", 0), T("frozen", "bool", False))))
 # positional encodings
 _add(OpDef("learned", "position", "Learned positional embedding, one row per token position (or `size` buckets); "
-           "with `norm=true` the table is LayerNorm-ed before it is added (VATT).",
+           "with `norm=true` the sum of tokens and positions is LayerNorm-ed (VATT).",
            (T("size", "int", 0), T("norm", "bool", False))))
-_add(OpDef("factorized", "position", "Learned factorised positions: one table per grid axis (time, height, width), summed; optional LayerNorm.",
+_add(OpDef("factorized", "position", "Learned factorised positions: one table per grid axis (time, height, width), summed and added; with `norm=true` the sum of tokens and positions is LayerNorm-ed (VATT).",
            (T("norm", "bool", False),)))
 _add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter.", ()))
 _add(OpDef("none", "position", "No positional encoding.", ()))
@@ -315,7 +315,7 @@ _add(OpDef("patches", "target", "Patch rows of an input, in tokenizer order: the
 _add(OpDef("nce", "loss", "Softmax InfoNCE between row-aligned embeddings (both directions by default).",
            (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True)), _nce_shape))
 _add(OpDef("mil_nce", "loss", "MIL-NCE between video and (several) text embeddings (VATT, MIL-NCE).",
-           (T("video", "tensor"), T("text", "tensor"), T("tau", "float", 0.07)), _milnce_shape))
+           (T("video", "tensor"), T("text", "tensor"), T("tau", "float", 0.07), T("normalize", "bool", False)), _milnce_shape))
 _add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text similarity matrix (RO-ViT, MaMMUT).",
            (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0)), _nce_shape))
 _add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE).",

@@ -61,7 +61,7 @@ class TextEmbed(nn.Module):
 
 class LearnedPosition(nn.Module):
     """A learned embedding per position, added (``size`` rows, of which the first N are used);
-    optionally LayerNorm-ed before adding (VATT's audio positions)."""
+    with ``norm``, the sum of tokens and positions is LayerNorm-ed (BERT-style embeddings, as VATT)."""
 
     def __init__(self, size: int, width: int, norm: bool = False, eps: float = 1e-6):
         super().__init__()
@@ -70,12 +70,16 @@ class LearnedPosition(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.pos[:, : x.shape[1]])
+        return self.norm(x + self.pos[:, : x.shape[1]])
 
 
 class FactorizedPosition(nn.Module):
     """One learned table per grid axis (e.g. time 8, height 14, width 14), summed over the grid and added;
-    optionally LayerNorm-ed before adding (VATT)."""
+    with ``norm``, the sum of tokens and positions is LayerNorm-ed (BERT-style embeddings, as VATT).
+
+    Normalising the sum rather than the table matters for raw inputs: a LayerNorm-ed table has unit
+    scale, and would drown quiet tokens such as those of a raw waveform (measured: the small VATT
+    does not learn its audio at all with the table normalised, and does with the sum normalised)."""
 
     def __init__(self, grid: tuple[int, ...], width: int, norm: bool = False, eps: float = 1e-6):
         super().__init__()
@@ -95,7 +99,7 @@ class FactorizedPosition(nn.Module):
         return total.reshape(-1, total.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.table()).unsqueeze(0)
+        return self.norm(x + self.table().unsqueeze(0))
 
 
 def sincos_2d(grid_h: int, grid_w: int, width: int) -> torch.Tensor:
