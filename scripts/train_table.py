@@ -24,13 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def headline(metrics: dict) -> list[str]:
-    """The metrics worth a column: R@1 of the first contrastive pair (both directions), classifier
-    accuracy/mAP, reconstruction error and caption loss."""
+    """The metrics worth a row: R@1 of every contrastive pair (in the direction the loss names it;
+    the reverse is in summary.json), classifier accuracy/mAP, reconstruction error and caption loss."""
     names = []
     pairs = [k[: -len(" R@1")] for k in metrics if k.endswith(" R@1")]
-    if pairs:
-        q, k = pairs[0].split("->")
-        names += [f"{q}->{k} R@1", f"{k}->{q} R@1"]
+    names += [f"{p} R@1" for p in pairs[::2]]  # evaluation lists each pair as query->key, then key->query
     names += [k for k in metrics if k.endswith((" accuracy", " mAP"))]
     names += [k for k in ("reconstruction", "captioning") if k in metrics]
     return [n for n in names if n in metrics]
