@@ -8,6 +8,8 @@ Exit codes (the same for every command):
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import typer
@@ -70,6 +72,12 @@ def _click_exceptions():
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; turn user mistakes into diagnostics and exit codes."""
     _register()
+    # keep inductor's compiled kernels with avdsl's compile cache (not in /tmp), so warm rebuilds stay warm
+    cache_root = os.environ.get("AVDSL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avdsl")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_root, "inductor"))
+    # torch.compile's C++ toolchain lookup logs a CUDA_HOME notice on CPU-only machines: not for users
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         code = app(args=argv, standalone_mode=False)  # click returns a `typer.Exit` code instead of raising it
         if isinstance(code, int) and code:

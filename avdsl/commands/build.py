@@ -70,7 +70,8 @@ def build_command(
     out.print(f"built in {build_seconds:.2f} s")
     if compile_:
         c = summary["compile"]
-        out.print(f"compiled in {c['compile_s']:.1f} s with {c['graph_breaks']} graph breaks; forward+backward "
+        out.print(f"compiled in {c['compile_s']:.1f} s{' (from the compile cache)' if c['cache_hit'] else ''} with "
+                  f"{c['graph_breaks']} graph breaks; forward+backward "
                   f"(batch {c['batch']}, {c['precision']}): eager {c['eager_step_s'] * 1000:.1f} ms, compiled "
                   f"{c['compiled_step_s'] * 1000:.1f} ms; loss {c['loss']:.4f}")
 
@@ -79,6 +80,7 @@ def _compile_and_run(analysis, batch: int, precision: str) -> dict:
     import torch
 
     from ..compiler import compile_graph
+    from ..runtime import compile_cache
     from ..runtime.trial import random_batch, timed_step
 
     model = compile_graph(analysis.graph)
@@ -87,11 +89,15 @@ def _compile_and_run(analysis, batch: int, precision: str) -> dict:
     timed_step(model, data, precision)  # warm up eager
     eager_s, _ = timed_step(model, data, precision)
     explanation = torch._dynamo.explain(model)(**data)
+    key = compile_cache.CacheKey(model.spec_hash, precision, batch, "train")
+    cached = compile_cache.load(key)  # an unchanged spec reuses what an earlier build compiled
     compiled = torch.compile(model, fullgraph=True)
     t0 = time.perf_counter()
     _, result = timed_step(compiled, data, precision)
     compile_s = time.perf_counter() - t0
+    if not cached:
+        compile_cache.save(key)
     steps = [timed_step(compiled, data, precision)[0] for _ in range(3)]
-    return {"batch": batch, "precision": precision, "graph_breaks": explanation.graph_break_count,
+    return {"batch": batch, "precision": precision, "graph_breaks": explanation.graph_break_count, "cache_hit": cached,
             "graph_count": explanation.graph_count, "compile_s": round(compile_s, 2), "eager_step_s": round(eager_s, 4),
             "compiled_step_s": round(min(steps), 4), "loss": float(result["loss"].detach())}

@@ -6,7 +6,6 @@ nothing to download) or a manifest of real media files (`--data clips/manifest.j
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -73,7 +72,6 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     from ..compiler import compile_graph
     from ..runtime.train import setup_distributed, train
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # a CUDA_HOME notice on CPU-only machines
     info = setup_distributed()
     analysis = analyse_doc(load_file(spec, overrides))
     torch.manual_seed(options.get("seed") or 0)

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import compile_cache
 from . import distributed
 from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
@@ -188,7 +189,11 @@ def train(
     runner = model
     if info.distributed:
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    cache_key = None
     if config.compile:
+        # a rebuild of an unchanged spec loads what an earlier run compiled instead of compiling again
+        cache_key = compile_cache.CacheKey(spec_hash, config.precision, config.batch_size, "train")
+        compile_cache.load(cache_key)
         runner = torch.compile(runner)
 
     log = MetricsLog(run_dir, start_step, resumed=latest is not None, enabled=main)
@@ -273,6 +278,9 @@ def train(
                         console.print(f"[yellow]step {step + 1}: non-finite {', '.join(bad) or 'loss'}; update skipped")
                 scheduler.step()
                 step += 1
+                if cache_key is not None and main:
+                    compile_cache.save(cache_key)  # after the first compiled step: everything is compiled
+                    cache_key = None
 
                 for name, value in values.items():
                     if math.isfinite(value):
