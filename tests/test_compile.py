@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from avdsl.api import build_model
-from avdsl.runtime import compile_cache
+from avdsl.runtime import compile_cache, embeddings
 from avdsl.runtime.trial import random_batch
 
 TINY = ["tiny/zorro", "tiny/mbt", "tiny/vatt", "tiny/mammut", "tiny/cav-mae"]
@@ -48,26 +48,33 @@ def test_tiny_zorro_traces_as_one_graph_and_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_tiny_spec_compiles_with_inductor_without_graph_breaks(name, precision):
+def test_tiny_spec_compiles_with_inductor_without_graph_breaks(name, precision, monkeypatch):
+    # inductor may draw independent random numbers in another order than eager (CAV-MAE's audio and
+    # video masks swap draws), so token selection is made deterministic here: the comparison is then
+    # of the computation, not of the random streams
+    monkeypatch.setattr(embeddings, "keep_random", _keep_first_tokens)
     torch._dynamo.reset()
     model, data = _model_and_batch(name)
     compiled = torch.compile(model, fullgraph=True)  # a graph break raises here
     eager_loss, eager_grads = _loss_and_grads(model, data, model, precision)
-    # inductor draws random numbers its own way; use eager's so that masks and drops match
-    with torch._inductor.config.patch(fallback_random=True):
-        loss, grads = _loss_and_grads(model, data, compiled, precision)
+    loss, grads = _loss_and_grads(model, data, compiled, precision)
     tol = {"fp32": dict(rtol=1e-4, atol=1e-5), "bf16": dict(rtol=5e-2, atol=5e-2)}[precision]
     torch.testing.assert_close(loss, eager_loss, **tol)
     if precision == "fp32":
         wrong = [n for n, g in eager_grads.items() if not torch.allclose(grads[n], g, rtol=1e-3, atol=1e-4)]
-        if wrong and name in KNOWN_GRADIENT_MISMATCH:
-            pytest.xfail(f"{KNOWN_GRADIENT_MISMATCH[name]}: {wrong[:3]}")
         assert not wrong, wrong
 
 
-# Open issue: with inductor, tiny/cav-mae's loss matches eager but decoder-side gradients differ by up
-# to ~60% (aot_eager matches eager exactly, so the difference is in inductor's generated code).
-KNOWN_GRADIENT_MISMATCH = {"tiny/cav-mae": "inductor gradients differ from eager in the CAV-MAE decoder"}
+def _keep_first_tokens(x, keep, generator=None):
+    """`keep_random` with a fixed, sample-dependent shuffle instead of random noise."""
+    b, n, d = x.shape
+    noise = (torch.arange(n, dtype=torch.float32) * 7919 % 101).expand(b, n) + torch.arange(b)[:, None] * 0.5
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, d))
+    mask = torch.ones(b, n, dtype=x.dtype)
+    mask[:, :keep] = 0
+    return kept, torch.gather(mask, 1, ids_restore), ids_restore
 
 
 def test_cache_key_separates_what_changes_the_compiled_graphs():
