@@ -169,8 +169,8 @@ def compile_graph(graph: Graph, device: str | torch.device | None = None) -> Com
             module = _module_for(node, graph)
             if module is not None:
                 modules[codegen.attr(node.id)] = module
-        for m in modules.values():
-            if not isinstance(m, StreamTransformer) or str(device) != "meta":
+        if str(device) != "meta":  # meta tensors hold no values: nothing to initialise
+            for m in modules.values():
                 E.init_linear(m)
         model = CompiledModel(graph, modules, code, filename)
     return model

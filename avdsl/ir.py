@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import expr as ex
 from .diagnostics import Loc
-from .routing import PassPlan
 from .spec import EncoderDecl, InputDecl, Spec
 
 
@@ -163,3 +161,18 @@ class Graph:
 
     def of_type(self, cls) -> list:
         return [n for n in self.nodes() if isinstance(n, cls)]
+
+    def stream_tensor(self, stream: str) -> str | None:
+        """The tensor holding a stream's tokens as they enter its first encoder (end of its embedding chain)."""
+        last = None
+        for node in self.nodes():
+            if getattr(node, "stream", None) == stream:
+                last = node.outputs[0]
+        return last
+
+    def inputs_of(self, tensor: str) -> set[str]:
+        """The spec inputs a tensor depends on."""
+        if tensor in self.spec.inputs:
+            return {tensor}
+        ancestors = nx.ancestors(self.g, self.producer[tensor])
+        return {n for n in ancestors if isinstance(self.node(n), InputNode)}

@@ -148,15 +148,11 @@ def expand_uses(entries, rule_sets: dict, vars: dict, depth: int, outer: range |
             if name not in rule_sets:
                 raise SpecError(loc.shifted(node.col), f"no rule set named '{name}'",
                                 did_you_mean(name, list(rule_sets), "a rule set") or "declare it under `rule_sets:`")
-            out.extend(expand_uses(rule_sets[name], rule_sets, vars, depth, range(0) if not covered else _as_range(covered),
+            out.extend(expand_uses(rule_sets[name], rule_sets, vars, depth, tuple(covered),
                                    depth_guard + 1))
         else:
             out.append((node, loc, tuple(covered)))
     return out
-
-
-def _as_range(layers) -> "range | tuple":
-    return tuple(layers)
 
 
 def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, ...], weights_mode: str,

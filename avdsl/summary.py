@@ -44,7 +44,7 @@ def streams_table(analysis: Analysis) -> list[dict]:
     g = analysis.graph
     rows = []
     for name, s in analysis.spec.streams.items():
-        final = g.tensors.get(_final_tensor(g, name))
+        final = g.tensors.get(g.stream_tensor(name))
         source = {"input": f"input {s.input}", "from": f"from {s.from_ref.name if s.from_ref else ''}",
                   "latent": "learned latent"}[s.source]
         notes = []
@@ -61,13 +61,6 @@ def streams_table(analysis: Analysis) -> list[dict]:
                      "width": final.shape[-1] if final else None, "notes": ", ".join(notes)})
     return rows
 
-
-def _final_tensor(graph, stream: str) -> str:
-    last = None
-    for node in graph.nodes():
-        if getattr(node, "stream", None) == stream:
-            last = node.outputs[0]
-    return last
 
 
 def summarize(analysis: Analysis) -> dict:

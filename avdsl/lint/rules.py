@@ -110,7 +110,7 @@ def _unimodal_leaks(rule: Rule, ctx: Context):
         (stream,) = streams
         if spec.streams[stream].source != "input" or name.split("_")[0] not in _modality_words(ctx, stream):
             continue
-        own = flow.sources_of(_stream_tokens(ctx, stream), "input")
+        own = flow.sources_of(ctx.analysis.graph.stream_tensor(stream), "input")
         foreign = sorted(flow.sources_of(tensor, "input") - own)
         if not foreign:
             continue
@@ -120,15 +120,6 @@ def _unimodal_leaks(rule: Rule, ctx: Context):
                            f"{'s' if len(foreign) > 1 else ''} {', '.join(repr(f) for f in foreign)} through routing{via}",
                            f"if '{name}' should be unimodal, keep other streams out of what '{stream}' attends to; "
                            f"if the mix is intended, rename the output or add `# noqa: {rule.code}` to its line")
-
-
-def _stream_tokens(ctx: Context, stream: str) -> str:
-    """The tensor holding a stream's tokens as they enter its first encoder."""
-    last = None
-    for node in ctx.analysis.graph.nodes():
-        if getattr(node, "stream", None) == stream and not isinstance(node, EncoderNode):
-            last = node.outputs[0]
-    return last
 
 
 def _leak_path(ctx: Context, tensor: str, source: str) -> str:
