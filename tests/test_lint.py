@@ -39,9 +39,45 @@ outputs:
   fusion_out: mean(backbone.fusion)
   za: linear(audio_out, 8)
   zv: linear(video_out, 8)
-  zf: linear(fusion_out, 8)
+  zf: linear(fusion_out, 4)
 losses:
-  contrastive: nce(za, zv) + nce(za, zf)
+  contrastive: nce(za, zv) + ce(zf, label)
+"""
+
+
+CAPTION = """avdsl: 1
+name: cap
+inputs:
+  frames[B, 3, 2, 16, 16]: video
+  caption[B, 8]: text
+streams:
+  video:
+    input: frames
+    tokenizer: tubelet(2, 8, 8)
+  text:
+    input: caption
+    tokenizer: embed(32)
+encoders:
+  vision:
+    streams: [video]
+    width: 16
+    depth: 1
+    heads: 2
+    routing:
+      - video <- video
+  decoder:
+    streams: [text]
+    memory: {clip: vision.video}
+    width: 16
+    depth: 2
+    heads: 2
+    routing:
+      - text <- clip (cross)
+      - text <- text (causal)
+outputs:
+  logits: linear(decoder.text, 32)
+losses:
+  captioning: next_token(logits, caption)
 """
 
 
@@ -57,20 +93,22 @@ def edit(old, new, text=BASE):
 
 
 CASES = {
-    "S101": (edit("  zf: linear(fusion_out, 8)", "  fusion: linear(fusion_out, 8)").replace("nce(za, zf)", "nce(za, fusion)"), 32),
+    "S101": (edit("  zf: linear(fusion_out, 4)", "  fusion: linear(fusion_out, 4)").replace("ce(zf, label)", "ce(fusion, label)"), 32),
     "S102": (edit("  label[B]: label(4)", "  label[B]: label(4)\n  caption[B, 8]: text"), 7),
     "R201": (edit("streams: [audio, video, fusion]", "streams: [audio, video, fusion, extra]")
              .replace("    latent: 2\n", "    latent: 2\n  extra:\n    latent: 1\n"), 20),  # two lines added above
-    "R202": (edit("  zf: linear(fusion_out, 8)\n", "").replace("  fusion_out: mean(backbone.fusion)\n", "")
-             .replace(" + nce(za, zf)", ""), 14),
+    "R202": (edit("  zf: linear(fusion_out, 4)\n", "").replace("  fusion_out: mean(backbone.fusion)\n", "")
+             .replace(" + ce(zf, label)", ""), 14),
     "R203": (edit("      - audio <- audio\n", "      - audio <- audio, video @ 0..1\n      - audio <- audio\n"), 23),
     "R204": (edit("      - audio <- audio\n", "      - audio <- audio, fusion\n"), 27),
     "R205": (edit("      - fusion <- audio, video, fusion", "      - fusion <- fusion"), 15),
+    "R206": (edit("      - video <- video\n", "      - video <- video, audio @ 1..\n"), 34),
+    "R207": (CAPTION.replace("text <- text (causal)", "text <- text"), 33),
     "H301": (edit("heads: 2", "heads: 3"), 21),
     "H302": (edit("patch2d(8, 8)", "patch2d(8, 5)"), 10),
     "H303": (edit("width: 16", "width: 24"), 21),
-    "L401": (edit("nce(za, zv) + nce(za, zf)", "nce(za, zv) - 0.5 * nce(za, zf)"), 34),
-    "L402": (edit("nce(za, zv) + nce(za, zf)", "nce(za, za) + nce(za, zf)"), 34),
+    "L401": (edit("nce(za, zv) + ce(zf, label)", "nce(za, zv) - 0.5 * ce(zf, label)"), 34),
+    "L402": (edit("nce(za, zv) + ce(zf, label)", "nce(za, za) + ce(zf, label)"), 34),
     "L403": (BASE.split("losses:")[0], 1),
 }
 
@@ -108,15 +146,15 @@ def test_unimodal_leak_names_the_layer_and_key_stream(tmp_path):
 
 def test_noqa_silences_one_code_only(tmp_path):
     text = CASES["R204"][0].replace("audio_out: mean(backbone.audio)", "audio_out: mean(backbone.audio)  # noqa: R204")
-    assert [d.code for d in lint_text(tmp_path, text).findings] == []
+    assert [d.code for d in lint_text(tmp_path, text).findings] == ["R206"]  # the loss's line, not silenced
     text = CASES["R204"][0].replace("audio_out: mean(backbone.audio)", "audio_out: mean(backbone.audio)  # noqa: R202")
-    assert [d.code for d in lint_text(tmp_path, text).findings] == ["R204"]
+    assert [d.code for d in lint_text(tmp_path, text).findings] == ["R204", "R206"]
 
 
 def test_zero_weight_is_reported_but_positive_is_not(tmp_path):
-    result = lint_text(tmp_path, edit("nce(za, zv) + nce(za, zf)", "nce(za, zv) + 0 * nce(za, zf)"))
-    assert [d.message for d in result.findings] == ["loss 'contrastive' weighs its nce() term by 0"]
-    assert lint_text(tmp_path, edit("nce(za, zv) + nce(za, zf)", "nce(za, zv) + 0.5 * nce(za, zf)")).findings == []
+    result = lint_text(tmp_path, edit("nce(za, zv) + ce(zf, label)", "nce(za, zv) + 0 * ce(zf, label)"))
+    assert [d.message for d in result.findings] == ["loss 'contrastive' weighs its ce() term by 0"]
+    assert lint_text(tmp_path, edit("nce(za, zv) + ce(zf, label)", "nce(za, zv) + 0.5 * ce(zf, label)")).findings == []
 
 
 def test_cli_exit_codes_and_output(tmp_path, capsys):
@@ -149,3 +187,38 @@ def test_directory_with_shipped_specs_is_clean():
     assert len(results) >= 5
     assert [(r.target, r.error) for r in results if r.error] == []
     assert [(r.target, d.code, d.message) for r in results for d in r.findings] == []
+
+
+def test_contrastive_leak_ignores_output_names_and_names_the_layer(tmp_path):
+    text = CASES["R206"][0].replace("audio_out", "left").replace("video_out", "right")
+    result = lint_text(tmp_path, text)
+    assert [d.code for d in result.findings] == ["R206"]  # R204 no longer applies after the renaming
+    assert result.findings[0].message == ("both sides of nce(za, zv) in loss 'contrastive' depend on input 'fbank': "
+                                          "'zv' reads it through routing (from layer 1 of backbone: video <- audio)")
+    # the two sides on disjoint inputs, through a fusion stream that neither side reads: clean
+    assert lint_text(tmp_path, BASE.replace("audio_out", "left").replace("video_out", "right")).findings == []
+
+
+def test_causal_leak_through_a_stream_that_read_the_caption(tmp_path):
+    assert lint_text(tmp_path, CAPTION).findings == []
+    text = CAPTION.replace("encoders:\n", "  summary:\n    latent: 2\nencoders:\n").replace("    streams: [text]\n", "    streams: [text, summary]\n").replace(
+        "      - text <- text (causal)\n", "      - text <- text (causal)\n      - summary <- text, summary @ 0\n"
+        "      - text <- text, summary (causal) @ 1\n")
+    (leak,) = lint_text(tmp_path, text).findings
+    assert leak.code == "R207" and "layer 1 of decoder: text <- summary, and summary has seen all of 'caption'" in leak.message
+    # the same latent reading only the video: no leak
+    clean = text.replace("summary <- text, summary @ 0", "summary <- clip, summary (cross) @ 0")
+    assert [d.code for d in lint_text(tmp_path, clean).findings] == []
+
+
+def test_isolated_latent_inside_one_pass(tmp_path):
+    routing = ("    routing:\n      - audio <- audio\n      - video <- video\n      - fusion <- audio, video, fusion\n")
+    passes = ("    passes:\n      joint:\n        routing:\n          - audio <- audio\n          - video <- video\n"
+              "          - fusion <- audio, video, fusion\n      alone:\n        routing:\n          - fusion <- fusion\n")
+    text = edit(routing, passes).replace("backbone.audio", "backbone.joint.audio").replace("backbone.video", "backbone.joint.video")
+    clean = text.replace("backbone.fusion", "backbone.joint.fusion").replace("          - fusion <- fusion\n",
+                                                                          "          - fusion <- audio, fusion\n")
+    assert lint_text(tmp_path, clean).findings == []
+    text = text.replace("backbone.fusion", "backbone.alone.fusion")
+    (finding,) = [d for d in lint_text(tmp_path, text).findings if d.code == "R205"]
+    assert "in pass 'alone' of encoder 'backbone'" in finding.message and finding.loc.line == 15

@@ -23,6 +23,7 @@ class Entry:
     pass_: str
     layer: int
     via: str
+    query: str = ""
 
 
 @dataclass
@@ -96,3 +97,60 @@ def reads(graph: Graph, flow: Flow, tensor: str) -> set[str]:
         if nid is not None:
             todo.extend(graph.node(nid).inputs)
     return out
+
+
+@dataclass(frozen=True)
+class Sight:
+    """How a tensor sees one text input, position by position: ``aligned`` when its tokens are that
+    input's tokens in order (the text stream and what is computed token-wise from it), ``leak`` the
+    first place where a position came to see later tokens of the input (None: causal so far)."""
+
+    aligned: bool = False
+    leak: Entry | None = None
+
+
+def future_sight(graph: Graph, flow: Flow, text_input: str) -> dict[str, Sight]:
+    """For every tensor, whether some position of it can see tokens of ``text_input`` that come after
+    it. A position sees later tokens when a stream aligned with the text attends to itself without
+    `(causal)`, or any stream reads another stream (or memory) that depends on the text at all (that
+    stream has mixed every position). This is what a next-token loss must not allow."""
+    source = f"input:{text_input}"
+    sight: dict[str, Sight] = {}
+    for node in graph.nodes():
+        if isinstance(node, InputNode):
+            sight[node.outputs[0]] = Sight(aligned=node.decl.name == text_input)
+        elif isinstance(node, EncoderNode):
+            _encoder_sight(node, flow, source, sight)
+        else:
+            ins = [sight.get(t, Sight()) for t in node.inputs]
+            leak = next((s.leak for s in ins if s.leak), None)
+            for t in node.outputs:
+                sight[t] = Sight(any(s.aligned for s in ins), leak)
+    return sight
+
+
+def _encoder_sight(node: EncoderNode, flow: Flow, source: str, sight: dict) -> None:
+    names = node.streams + node.memory
+    start = {s: sight.get(t, Sight()) for s, t in zip(names, node.inputs)}
+    deps0 = {s: flow.deps.get(t, frozenset()) for s, t in zip(names, node.inputs)}
+    for pname, plan in node.plans.items():
+        state, deps = dict(start), dict(deps0)
+        for li, layer in enumerate(plan.layers):
+            new, new_deps = dict(state), dict(deps)
+            for a in layer.attends:
+                cur = new[a.query]
+                for k in a.keys:
+                    new_deps[a.query] = new_deps[a.query] | deps[k]
+                    if cur.leak is not None or not cur.aligned:
+                        break  # only a stream aligned with the text can see its later tokens
+                    if state[k].leak is not None:
+                        cur = Sight(cur.aligned, state[k].leak)
+                    elif k == a.query and state[k].aligned and not a.causal and not a.cross:
+                        cur = Sight(cur.aligned, Entry(node.id, pname, li, k, a.query))
+                    elif k != a.query and source in deps[k]:
+                        cur = Sight(cur.aligned, Entry(node.id, pname, li, k, a.query))
+                new[a.query] = cur
+            state, deps = new, new_deps
+        for s in plan.streams():
+            key = f"{node.id}.{pname}.{s}" if pname else f"{node.id}.{s}"
+            sight[key] = state[s]

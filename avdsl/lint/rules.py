@@ -14,10 +14,11 @@ from ..api import Analysis
 from ..diagnostics import Diagnostic, Loc
 from ..ir import CallNode, EncoderNode, LatentNode, LossNode
 from ..passes.shapes import weight_sets
-from .flow import Flow, reads
+from .flow import Flow, future_sight, reads
 
 AUDIO_KINDS = ("fbank", "waveform")
 TARGET_KINDS = ("label", "multilabel")  # may be declared for evaluation or for specs that extend this one
+CONTRASTIVE = ("nce", "mil_nce", "focal_contrastive")  # losses that match the rows of two embeddings
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,21 @@ def _leak_path(ctx: Context, tensor: str, source: str) -> str:
 
 def _isolated_latents(rule: Rule, ctx: Context):
     g, flow = ctx.analysis.graph, ctx.flow
+    encoders = {n.id: n for n in g.of_type(EncoderNode)}
     for node in g.of_type(LatentNode):
         if node.prepend:
             continue
-        outs = [t for t, s in flow.stream_of.items() if s == node.stream and "." in t and g.producer.get(t) in
-                {n.id for n in g.of_type(EncoderNode)}]
-        if outs and not any(flow.sources_of(t, "input") for t in outs):
-            yield rule.finding(node.loc, f"latent stream '{node.stream}' never reads an input stream: its encoder output "
-                               "is the same for every example",
-                               f"let it attend to the streams it should summarise, e.g. `{node.stream} <- audio, video, {node.stream}`")
+        outs = [t for t, s in flow.stream_of.items() if s == node.stream and g.producer.get(t) in encoders]
+        for t in outs:
+            if flow.sources_of(t, "input"):
+                continue
+            enc = encoders[g.producer[t]]
+            pname = t.split(".")[1] if enc.decl.has_passes else ""
+            where = f" in pass '{pname}' of encoder '{enc.id}'" if pname else ""
+            yield rule.finding(node.loc, f"latent stream '{node.stream}' never reads an input stream{where}: its encoder output "
+                               f"{'there ' if pname else ''}is the same for every example",
+                               f"let it attend to the streams it should summarise, e.g. `{node.stream} <- audio, video, {node.stream}`"
+                               + (f" in pass '{pname}'" if pname else ""))
 
 
 def _head_dim(rule: Rule, ctx: Context):
@@ -184,10 +191,59 @@ def _nonpositive_weights(rule: Rule, ctx: Context):
 def _self_comparisons(rule: Rule, ctx: Context):
     for item, node, terms in _loss_terms(ctx):
         for term in terms:
-            if isinstance(term, CallNode) and term.op in ("nce", "mil_nce", "focal_contrastive") and \
+            if isinstance(term, CallNode) and term.op in CONTRASTIVE and \
                     len(term.inputs) >= 2 and term.inputs[0] == term.inputs[1]:
-                yield rule.finding(item.loc, f"loss '{node.name}' contrasts '{term.inputs[0].removeprefix('out.')}' with itself",
+                yield rule.finding(item.loc, f"loss '{node.name}' contrasts '{_written(term.inputs[0])}' with itself",
                                    "a contrastive loss needs two different views, e.g. `nce(za, zv)`")
+
+
+def _written(tensor: str) -> str:
+    """An output's name as the spec writes it (``out.za`` -> ``za``)."""
+    return tensor.removeprefix("out.")
+
+
+def _contrastive_leaks(rule: Rule, ctx: Context):
+    flow = ctx.flow
+    for item, node, terms in _loss_terms(ctx):
+        for term in terms:
+            if not isinstance(term, CallNode) or term.op not in CONTRASTIVE or term.inputs[0] == term.inputs[1]:
+                continue  # the same tensor twice is L402
+            a, b = term.inputs[:2]
+            shared = sorted(flow.sources_of(a, "input") & flow.sources_of(b, "input"))
+            if not shared:
+                continue
+            via = ""
+            for side in (b, a):
+                path = _leak_path(ctx, side, f"input:{shared[0]}")
+                if path:
+                    via = f": '{_written(side)}' reads it through routing{path}"
+                    break
+            yield rule.finding(item.loc, f"both sides of {term.op}({_written(a)}, {_written(b)}) in loss '{node.name}' depend on "
+                               f"input{'s' if len(shared) > 1 else ''} {', '.join(repr(x) for x in shared)}{via}",
+                               "the loss can then match rows by the shared input instead of learning the correspondence; "
+                               "keep each side's streams from attending to the other side's inputs")
+
+
+def _causal_leaks(rule: Rule, ctx: Context):
+    g = ctx.analysis.graph
+    for item, node, terms in _loss_terms(ctx):
+        for term in terms:
+            if not isinstance(term, CallNode) or term.op != "next_token":
+                continue
+            logits, tokens = term.inputs[:2]
+            if tokens not in g.spec.inputs:
+                continue
+            sight = future_sight(g, ctx.flow, tokens).get(logits)
+            if sight is None or sight.leak is None:
+                continue
+            e = sight.leak
+            where = f"{e.encoder}" + (f" pass {e.pass_}" if e.pass_ else "")
+            own = e.query == e.via
+            yield rule.finding(item.loc, f"next_token() in loss '{node.name}' predicts '{tokens}', but each prediction can see "
+                               f"later tokens of '{tokens}' (from layer {e.layer} of {where}: {e.query} <- {e.via}"
+                               f"{' is not causal' if own else f', and {e.via} has seen all of {tokens!r}'})",
+                               f"make the stream attend to itself causally: `{e.via} <- {e.via} (causal)`" if own else
+                               f"keep '{e.via}' (it depends on '{tokens}') out of what '{e.query}' attends to")
 
 
 def _no_losses(rule: Rule, ctx: Context):
@@ -233,7 +289,22 @@ RULES: tuple[Rule, ...] = (
     _rule("R205", "isolated-latent", "A latent stream never reads an input stream.",
           """Latent tokens (fusion, bottleneck, a Perceiver array) start as learned constants. If, through
           the routing, they never attend to a stream carrying input, the encoder's output for them is the
-          same for every example and carries no information.""", _isolated_latents),
+          same for every example and carries no information. With `passes:`, each pass is checked on its
+          own: a pass in which the latents read only themselves is reported.""", _isolated_latents),
+    _rule("R206", "contrastive-leak", "The two sides of a contrastive loss depend on a common input.",
+          """nce, mil_nce and focal_contrastive learn a correspondence between two embeddings by telling the
+          matching row apart from the others. If, through the routing, both sides depend on the same input
+          (the video stream attends to the audio that the other side pools), each row can be matched by the
+          shared input itself and retrieval looks perfect while nothing is learned. Lint follows the routing
+          layer by layer and names the first layer and key stream that let the input in; output names do
+          not matter. Where sharing is intended (Zorro contrasts fusion with each modality), end the loss's
+          line with `# noqa: R206`.""", _contrastive_leaks),
+    _rule("R207", "causal-leak", "A next-token prediction can see the tokens it predicts.",
+          """`next_token(logits, caption)` trains each position to predict the following token of the caption.
+          If the stream the logits come from attends to itself without `(causal)`, or reads any stream that
+          depends on the caption (a latent that has seen all of it, a memory computed from it), a position
+          sees the answer. Lint follows the routing and reports the first layer that lets later tokens in.""",
+          _causal_leaks),
     _rule("H301", "heads-divide-width", "An encoder's width is not divisible by its number of heads.",
           """Multi-head attention splits the width into equal heads. The shape pass refuses a width the heads
           do not divide; lint reports it with this code.""", severity="error"),
