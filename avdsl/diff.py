@@ -19,6 +19,7 @@ from .api import Analysis, analyse, analyse_text
 from .diagnostics import Loc, SpecError
 from .ir import EncoderNode
 from .loader import resolve_spec_path
+from .routing import plan_pass
 from .passes.cost import Cost, by_component
 from .summary import _human, streams_table
 
@@ -68,9 +69,8 @@ def _streams(a: Analysis) -> dict:
     for name, row in rows.items():
         row.pop("stream")
         row["position"] = data.get(name, {}).get("position")
-        for key in ("type_embedding", "cls", "drop", "mask"):
-            if key in data.get(name, {}):
-                row[key] = data[name][key]
+        for key, value in data.get(name, {}).items():  # every value written, e.g. cls_position, share, width
+            row.setdefault(key, value)
     return rows
 
 
@@ -83,7 +83,8 @@ def _encoders(a: Analysis) -> dict:
                         "passes": [p for p in node.plans if p] or None,
                         "memory": {k: v.name for k, v in e.memory.items()} or None,
                         "sizes": {s: [z.width, z.depth, z.heads, z.mlp_dim] for s, z in e.stream_sizes.items()} or None,
-                        "activation": e.activation}
+                        "activation": e.activation, "norms": e.norms, "final_norm": e.final_norm, "bias": e.bias,
+                        "norm_eps": e.norm_eps, "dropout": e.dropout}
     return out
 
 
@@ -98,42 +99,78 @@ def pair_encoders(a: Analysis, b: Analysis) -> list[tuple[str | None, str | None
     return pairs
 
 
-def visibility(node: EncoderNode | None) -> dict:
-    """(pass, query, key) -> set of layers in which the query stream reads the key stream."""
+def how(attend, key: str) -> str:
+    """How a query reads a key: ``(causal)``, ``(cross)``, ``via W``, or several; "" for plain attention."""
+    parts = [f"via {attend.weights}"] if attend.weights not in ("shared", attend.query) else []
+    if attend.causal and key == attend.query:
+        parts.append("(causal)")
+    if attend.cross:
+        parts.append("(cross)")
+    return " ".join(parts)
+
+
+def visibility(plans: dict | None) -> dict:
+    """(pass, query, key, how) -> set of layers in which the query stream reads the key stream that way."""
     out: dict[tuple, set] = {}
-    if node is None:
-        return out
-    for pname, plan in node.plans.items():
+    for pname, plan in (plans or {}).items():
         for li, layer in enumerate(plan.layers):
-            for q, keys in layer.sees().items():
-                for k in keys:
-                    out.setdefault((pname, q, k), set()).add(li)
+            for a in layer.attends:
+                for k in a.keys:
+                    out.setdefault((pname, a.query, k, how(a, k)), set()).add(li)
     return out
 
 
+def plans_at_depth(node: EncoderNode, analysis: Analysis, depth: int) -> dict | None:
+    """The encoder's routing planned again for ``depth`` layers: what its rules say about layers it does
+    not have (an open range `@ 4..` reaches them, `@ 4..8` does not). None if the rules do not fit."""
+    spec = analysis.spec
+    try:
+        return {p: plan_pass(p, entries, node.streams, node.memory, node.decl.weights, depth, spec.rule_sets, spec.vars)
+                for p, entries in node.decl.passes.items()}
+    except SpecError:
+        return None
+
+
 def routing_diff(a: Analysis, b: Analysis) -> list[dict]:
-    """One row per (encoder, pass, query, key) whose layers differ: the layers gained and lost."""
+    """One row per (encoder, pass, query, key, flags) whose layers differ: the layers gained and lost.
+    When the depths differ, the shallower side's rules are planned again at the deeper depth, so a rule
+    that changed in layers only one side has still shows, while rules that merely reach further do not."""
     rows = []
     nodes_a = {n.id: n for n in a.graph.of_type(EncoderNode)}
     nodes_b = {n.id: n for n in b.graph.of_type(EncoderNode)}
     for ea, eb in pair_encoders(a, b):
-        va, vb = visibility(nodes_a.get(ea)), visibility(nodes_b.get(eb))
-        common = _common_depth(nodes_a.get(ea), nodes_b.get(eb))
+        na, nb = nodes_a.get(ea), nodes_b.get(eb)
+        pa, pb = (na.plans if na else None), (nb.plans if nb else None)
+        common = _common_depth(na, nb)
+        if na and nb and _depth(na) != _depth(nb):
+            deeper = max(_depth(na), _depth(nb))
+            if _depth(na) < deeper:
+                pa = plans_at_depth(na, a, deeper)
+            else:
+                pb = plans_at_depth(nb, b, deeper)
+            if pa is None or pb is None:
+                pa, pb = na.plans, nb.plans
+            else:
+                common = deeper
+        va, vb = visibility(pa), visibility(pb)
         for key in list(va) + [k for k in vb if k not in va]:
             old, new = va.get(key, set()), vb.get(key, set())
             if {i for i in old if i < common} == {i for i in new if i < common}:
                 continue  # differs only in layers one side does not have: the depth change says it
-                continue
-            pname, q, k = key
+            pname, q, k, flags = key
             rows.append({"encoder": eb or ea if ea == eb or not (ea and eb) else f"{ea} -> {eb}", "pass": pname or None,
-                         "query": q, "key": k, "gained": layer_runs(new - old), "lost": layer_runs(old - new),
+                         "query": q, "key": k, "flags": flags, "gained": layer_runs(new - old), "lost": layer_runs(old - new),
                          "before": layer_runs(old), "after": layer_runs(new)})
     return rows
 
 
+def _depth(node: EncoderNode) -> int:
+    return len(next(iter(node.plans.values())).layers)
+
+
 def _common_depth(x: EncoderNode | None, y: EncoderNode | None) -> int:
     """Layers both encoders have (all of them when one side is missing)."""
-    depth = [len(next(iter(n.plans.values())).layers) for n in (x, y) if n is not None]
+    depth = [_depth(n) for n in (x, y) if n is not None]
     return min(depth) if len(depth) == 2 else max(depth)
 
 
@@ -250,7 +287,7 @@ def render(d: dict):
             table.add_column(col, no_wrap=col in ("encoder", "query <- key"))
         for r in d["routing"]:
             where = r["encoder"] + (f".{r['pass']}" if r["pass"] else "")
-            table.add_row(where, f"{r['query']} <- {r['key']}", r["before"] or "-", r["after"] or "-",
+            table.add_row(where, f"{r['query']} <- {r['key']}" + (f" {r['flags']}" if r["flags"] else ""), r["before"] or "-", r["after"] or "-",
                           Text(r["gained"], style="green"), Text(r["lost"], style="red"))
         parts.append(table)
     if d["values"]:

@@ -63,3 +63,36 @@ def test_cli_json_and_text(capsys):
     text = capsys.readouterr().out
     assert "audio <- fusion" in text and "0..12" in text
     assert main(["diff", "zorro", "nosuchspec"]) == 2
+
+
+def test_routing_flag_change_is_a_routing_difference():
+    a = analyse("tiny/mammut")
+    b = analyse("tiny/mammut", ["encoders.decoder.passes.generative.routing.0=text <- text"])
+    rows = {(r["query"], r["key"], r["flags"]): r for r in diff_analyses(a, b)["routing"]}
+    assert rows[("text", "text", "(causal)")]["lost"] == "0..4" and rows[("text", "text", "")]["gained"] == "0..4"
+    assert set(rows) == {("text", "text", "(causal)"), ("text", "text", "")}
+
+
+def test_via_and_cross_flags_show(capsys):
+    d = diff_analyses(analyse("tiny/mammut"), analyse("tiny/mammut", [
+        "encoders.decoder.passes.generative.routing.1=text <- image_tokens (cross) @ 1..:2"]))
+    rows = {(r["query"], r["key"], r["flags"]): (r["gained"], r["lost"]) for r in d["routing"]}
+    assert rows == {("text", "image_tokens", "(cross)"): ("1, 3", "0, 2")}
+    assert main(["diff", "tiny/mbt", "tiny/mbt", "--set-b", "vars.fusion_layer=0"]) == 0
+    assert "via " in capsys.readouterr().out  # the bottleneck's updates name the weights they use
+
+
+def test_value_changes_of_an_encoder_are_listed():
+    d = diff_analyses(analyse("tiny/zorro"), analyse("tiny/zorro", ["encoders.backbone.final_norm=false",
+                                                                    "encoders.backbone.norm_eps=0.00001"]))
+    assert d["encoders"]["changed"]["backbone"]["final_norm"] == [True, False]
+    assert d["encoders"]["changed"]["backbone"]["norm_eps"] == [1e-6, 1e-5]
+
+
+def test_changed_rule_beyond_the_other_depth_shows():
+    a = analyse("tiny/zorro")
+    routing = '["audio <- audio", "audio <- audio, video @ 2..", "video <- video", "fusion <- audio, video, fusion"]'
+    b = analyse("tiny/zorro", ["encoders.backbone.depth=3", f"encoders.backbone.routing={routing}"])
+    rows = {(r["query"], r["key"]): r for r in diff_analyses(a, b)["routing"]}
+    assert set(rows) == {("audio", "video")} and rows[("audio", "video")]["gained"] == "2"  # a layer tiny/zorro lacks
+    assert rows[("audio", "video")]["before"] == ""
