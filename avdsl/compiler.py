@@ -85,7 +85,7 @@ def build_encoder(node: EncoderNode, graph: Graph) -> StreamTransformer:
              for p, plan in node.plans.items()}
     sizes = {w: (s.sizes.width, s.sizes.depth, s.sizes.heads, s.sizes.mlp_dim) for w, s in weight_sets(node).items()}
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
-    memory_widths = {m: graph.tensors[stream_in[m]].shape[-1] for m in node.memory}
+    memory_widths = {m: graph.tensors[t].shape[-1] for m, t in stream_in.items()}  # what `(cross)` may read
     return StreamTransformer(plans, sizes, memory_widths=memory_widths, norms=enc.norms, final_norm=enc.final_norm,
                              bias=enc.bias, eps=enc.norm_eps, activation=enc.activation, dropout=enc.dropout)
 

@@ -29,7 +29,7 @@ class Attend:
     keys: tuple[str, ...]
     weights: str
     causal: bool = False
-    cross: bool = False  # a cross-attention sub-layer (keys are memory streams)
+    cross: bool = False  # a cross-attention sub-layer (keys: memory streams or this encoder's streams)
     loc: Loc | None = None
 
 
@@ -112,9 +112,9 @@ def _bound(value, vars: dict, loc: Loc, default: int) -> int:
 
 
 def layers_of(rng: ex.Range | None, depth: int, vars: dict, loc: Loc) -> range:
-    """The layers a range covers. Negative bounds count from the end, as in Python. An open range
-    starting at the depth (``@ 12..`` in a 12-layer encoder) covers no layer: that is how a var such as
-    MBT's fusion layer switches a rule set off (late fusion)."""
+    """The layers a range covers. Negative bounds count from the end, as in Python. A range whose start
+    equals its stop (``@ 12..12``, or the open ``@ 12..`` in a 12-layer encoder) covers no layer: that is
+    how a var such as MBT's fusion layer switches a rule set off (late fusion)."""
     if rng is None:
         return range(depth)
     at = loc.shifted(rng.col)
@@ -123,8 +123,8 @@ def layers_of(rng: ex.Range | None, depth: int, vars: dict, loc: Loc) -> range:
     start, stop = (start + depth if start < 0 else start), (stop + depth if stop < 0 else stop)
     if rng.step < 1:
         raise SpecError(at, f"the layer step must be at least 1, got {rng.step}", "e.g. `@ 1..:2` for every other layer")
-    if not rng.single and rng.stop is None and start == depth:
-        return range(depth, depth)
+    if not rng.single and start == stop and 0 <= start <= depth:
+        return range(start, start)
     if not 0 <= start < depth or not start < stop <= depth:
         raise SpecError(at, f"layer range {start}..{stop} does not fit an encoder of depth {depth}",
                         f"layers are numbered 0..{depth} (half-open, like Python); e.g. `@ 0..{depth}`")
@@ -168,7 +168,7 @@ def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, .
             if flag not in FLAGS:
                 raise SpecError(loc, f"unknown routing flag '{flag}'", did_you_mean(flag, FLAGS, "a flag"))
         cross = "cross" in rule.flags
-        pool = memory if cross else streams
+        pool = streams + memory if cross else streams
         for q in rule.queries:
             if q not in streams:
                 col = rule.name_cols.get(q, 0)
@@ -177,11 +177,13 @@ def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, .
         for k in rule.keys:
             if k not in pool:
                 col = rule.name_cols.get(k, 0)
-                what = "memory stream" if cross else "stream"
-                hint = did_you_mean(k, pool, f"a {what}")
-                if not cross and k in memory:
-                    hint = f"'{k}' is a memory stream: read it with a cross-attention rule `... <- {k} (cross)`"
-                raise SpecError(loc.shifted(col), f"routing names {what} '{k}', which this encoder does not have", hint)
+                if k in memory:
+                    raise SpecError(loc.shifted(col), f"routing reads memory stream '{k}' with self-attention",
+                                    f"memory is read by cross-attention: write `... <- {k} (cross)`")
+                what = "stream or memory stream" if cross else "stream"
+                raise SpecError(loc.shifted(col), f"routing names {what} '{k}', which this encoder does not have",
+                                did_you_mean(k, pool, f"a {what}") or "list it in the encoder's `streams:`"
+                                + (" or `memory:`" if cross else ""))
         if rule.via is not None and rule.via not in streams:
             raise SpecError(loc, f"`via {rule.via}` names no stream of this encoder", did_you_mean(rule.via, streams, "a stream"))
         if weights_mode == "shared" and rule.via is not None:

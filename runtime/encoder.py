@@ -26,18 +26,20 @@ from torch import nn
 
 class Block(nn.Module):
     """The weights of one layer of one weight set. ``norm_sets`` LayerNorm pairs (one per pass when
-    passes have their own norms); attention and feed-forward weights are shared by all passes."""
+    passes have their own norms); attention and feed-forward weights are shared by all passes. A layer
+    that no pass runs self-attention in (only cross-attention) has no self-attention weights."""
 
     def __init__(self, width: int, heads: int, mlp_dim: int, *, bias: bool = True, eps: float = 1e-6,
                  activation: str = "gelu", dropout: float = 0.0, norm_sets: tuple[str, ...] = ("",),
-                 cross_width: int | None = None):
+                 cross_width: int | None = None, self_attention: bool = True):
         super().__init__()
         self.heads = heads
         self.activation = activation
-        self.norm1 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+        if self_attention:
+            self.norm1 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+            self.qkv = nn.Linear(width, 3 * width, bias=bias)
+            self.proj = nn.Linear(width, width, bias=bias)
         self.norm2 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
-        self.qkv = nn.Linear(width, 3 * width, bias=bias)
-        self.proj = nn.Linear(width, width, bias=bias)
         inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
         self.fc1 = nn.Linear(width, inner, bias=bias)
         self.fc2 = nn.Linear(mlp_dim, width, bias=bias)
@@ -139,10 +141,12 @@ class StreamTransformer(nn.Module):
         for ws, (width, depth, heads, mlp_dim) in sizes.items():
             layers = []
             for li in range(depth):
-                cross = [a for layers_ in self.plans.values() if li < len(layers_) for a in layers_[li] if a[4] and a[2] == ws]
+                here = [a for layers_ in self.plans.values() if li < len(layers_) for a in layers_[li] if a[2] == ws]
+                cross = [a for a in here if a[4]]
                 cross_width = memory_widths[cross[0][1][0]] if cross else None
                 layers.append(Block(width, heads, mlp_dim, bias=bias, eps=eps, activation=activation, dropout=dropout,
-                                    norm_sets=norm_sets, cross_width=cross_width))
+                                    norm_sets=norm_sets, cross_width=cross_width,
+                                    self_attention=not cross or any(not a[4] for a in here)))
             self.blocks[ws] = nn.ModuleList(layers)
         # final LayerNorms: one per weight set, or with ``final_norm="shared"`` one for every stream (MBT)
         self.final = nn.ModuleDict()

@@ -56,6 +56,11 @@ def layer_params(width: int, mlp_dim: int, bias: bool, activation: str, norms: i
     return 2 * ln * norms + attn + mlp
 
 
+def self_attention_params(width: int, bias: bool, norms: int) -> int:
+    """The self-attention part of `layer_params`: its LayerNorm (per norm set), Q/K/V and output projection."""
+    return (2 if bias else 1) * width * norms + 4 * width * width + (4 * width if bias else 0)
+
+
 def cross_params(width: int, memory_width: int, bias: bool, norms: int) -> int:
     ln = (2 if bias else 1) * width
     return ln * norms + 2 * width * width + 2 * memory_width * width + (4 * width if bias else 0)
@@ -75,11 +80,14 @@ def weight_set_params(node: EncoderNode, graph: Graph) -> dict[str, int]:
         if enc.final_norm is True:
             total += (2 if enc.bias else 1) * s.width * norms
         for layer in range(s.depth):
-            crossing = [a for plan in node.plans.values() if layer < len(plan.layers)
-                        for a in plan.layers[layer].cross_attends() if a.weights == ws.name]
+            here = [a for plan in node.plans.values() if layer < len(plan.layers)
+                    for a in plan.layers[layer].attends if a.weights == ws.name]
+            crossing = [a for a in here if a.cross]
             if crossing:
                 mem_width = graph.tensors[stream_in[crossing[0].keys[0]]].shape[-1]
                 total += cross_params(s.width, mem_width, enc.bias, norms)
+                if all(a.cross for a in here):  # a cross-attention-only layer has no self-attention weights
+                    total -= self_attention_params(s.width, enc.bias, norms)
         out[ws.name] = total
     if enc.final_norm == "shared":
         width = next(iter(sets.values())).sizes.width
