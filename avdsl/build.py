@@ -193,8 +193,9 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
         op = ops.get(call.name, "drop", s.locs[key].shifted(call.col))
         args = ops.bind(op, call, s.locs[key])
         if not 0.0 < args["rate"] < 1.0:
-            raise SpecError(s.locs[key].shifted(args.cols.get("rate", 0)), f"{op.name} rate must be between 0 and 1, got {args['rate']}",
-                            "e.g. `droptoken(0.5)` keeps half the tokens")
+            raise SpecError(s.locs[key].shifted(args.cols.get("rate", 0)),
+                            f"{op.name} rate must be more than 0 and less than 1 (neither bound allowed), got {args['rate']}",
+                            f"a rate of 0 drops nothing and 1 drops every token; e.g. `{op.name}(0.5)` keeps half the tokens")
         if key == "mask" and op.name != "random_mask" or key == "drop" and op.name != "droptoken":
             want = "random_mask" if key == "mask" else "droptoken"
             raise SpecError(s.locs[key].shifted(call.col), f"`{key}:` takes {want}(rate), not {op.name}()",

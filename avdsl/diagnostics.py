@@ -41,8 +41,8 @@ class Diagnostic:
     notes: list[str] = field(default_factory=list)
 
     def headline(self) -> str:
-        # a build error may carry the code of the lint rule that explains it; it prints like any build error
-        code = f"{self.code} " if self.code and self.code != "E" and self.severity != "error" else ""
+        # a build error may carry the code of the lint rule that explains it (`avdsl lint --explain H301`)
+        code = f"{self.code} " if self.code and self.code != "E" else ""
         return f"{self.loc}: {code}{self.message}"
 
     def to_json(self) -> dict:

@@ -5,6 +5,8 @@ Every node keeps ``col``, its 0-based column inside the expression string, so a 
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -283,6 +285,7 @@ def parse(text: str, start: str, loc: Loc):
         return _ToAst().transform(tree)
     except lark.exceptions.UnexpectedCharacters as err:
         col = err.column - 1
+        _check_range(text, start, col, loc)
         raise SpecError(loc.shifted(col), f"unexpected character {text[col]!r} in {what}",
                         _expect_hint(err.allowed, example)) from None
     except lark.exceptions.UnexpectedToken as err:
@@ -290,6 +293,7 @@ def parse(text: str, start: str, loc: Loc):
         if err.token.type == "$END":
             raise SpecError(loc.shifted(len(text)), f"{what} ends too early",
                             _expect_hint(err.expected, example)) from None
+        _check_range(text, start, col, loc)
         raise SpecError(loc.shifted(col), f"unexpected '{err.token}' in {what}",
                         _expect_hint(err.expected, example)) from None
     except lark.exceptions.UnexpectedEOF as err:
@@ -299,6 +303,25 @@ def parse(text: str, start: str, loc: Loc):
         raise SpecError(loc, f"{what}: {err.orig_exc}", example) from None
     except RecursionError:
         raise SpecError(loc, f"{what} nests too deeply", "simplify the expression") from None
+
+
+_RANGE_TYPO = re.compile(r"\s*(-?\w+)\s*(?:-|\.{3,}|\.|:|to|\s)\s*(-?\w+)\s*")
+
+
+def _check_range(text: str, start: str, col: int, loc: Loc) -> None:
+    """A syntax error inside a rule's layer range (after ``@``) is explained as a range: `@ 4-12`
+    means `@ 4..12`."""
+    at = text.rfind("@", 0, col + 1)
+    if start != "rule" or at < 0:
+        return
+    tail = text[at + 1:]
+    m = _RANGE_TYPO.fullmatch(tail)
+    if m:
+        raise SpecError(loc.shifted(col), f"a layer range is written with `..`, got `@{tail}`",
+                        f"write `@ {m.group(1)}..{m.group(2)}` (layers {m.group(1)} up to, not including, {m.group(2)})")
+    raise SpecError(loc.shifted(col), f"unexpected {text[col:col + 1]!r} in the layer range `@{tail}`",
+                    "write `@ a..b` (half-open), `@ a..`, `@ ..b`, `@ a..b:step`, or `@ a` for one layer; flags and "
+                    "`via` come before `@`")
 
 
 def _expect_hint(expected, example: str) -> str:

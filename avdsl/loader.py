@@ -255,6 +255,8 @@ def parse_yaml(text: str, file: str) -> Doc:
             raise SpecError(_loc(opened, file), "this is not valid YAML: the quoted string starting here is not closed",
                             "close the quote on the same line (or remove it)") from None
         hint = _yaml_hint(what)
+        if "mapping values are not allowed" in what and mark is not None:
+            _dedented_scalar_key(text, mark.line, file)
         if opened is not None and "flow" in context:
             bracket = "[" if "sequence" in context else "{"
             hint = f"the '{bracket}' opened at line {opened.line + 1}, column {opened.column + 1} is not closed before this"
@@ -298,6 +300,22 @@ def _compose(text: str) -> list:
             if len(text) > 100_000:
                 raise
     return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+
+
+def _dedented_scalar_key(text: str, line: int, file: str) -> None:
+    """`heads: 2` written one level too far left makes the deeper line after it a continuation of the
+    value 2, and YAML complains about that next line; point at the key that moved instead."""
+    lines = text.splitlines()
+    here = lines[line] if line < len(lines) else ""
+    prev = next((i for i in range(line - 1, -1, -1) if lines[i].strip() and not lines[i].lstrip().startswith("#")), None)
+    if prev is None:
+        return
+    indent = len(lines[prev]) - len(lines[prev].lstrip(" "))
+    m = re.match(r"\s*([A-Za-z_][\w-]*):\s+\S", lines[prev])
+    if m and len(here) - len(here.lstrip(" ")) > indent:
+        raise SpecError(Loc(file, prev + 1, indent + 1), f"`{m.group(1)}:` is indented less than the line after it, "
+                        "which YAML then reads as the rest of its value",
+                        f"indent `{m.group(1)}:` like the keys around it")
 
 
 def _yaml_hint(problem: str) -> str:
@@ -388,8 +406,7 @@ def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
         raise SpecError(Loc(str(path_or_name), 1, 1), f"no spec file or built-in spec named '{path_or_name}'", hint)
     root_dir = path.resolve().parent
     doc = _load_chain(path, [], root_dir)
-    for item in overrides:
-        apply_override(doc, item)
+    apply_overrides(doc, overrides)
     doc.data.pop("extends", None)
     return doc
 
@@ -398,8 +415,7 @@ def load_text(text: str, file: str = "<spec>", overrides: list[str] = ()) -> Doc
     """Load a spec from text (tests, editors). ``extends`` resolves against the working directory."""
     doc = parse_yaml(text, file)
     doc = _with_base(doc, Path.cwd(), [file], Path.cwd().resolve())
-    for item in overrides:
-        apply_override(doc, item)
+    apply_overrides(doc, overrides)
     doc.data.pop("extends", None)
     return doc
 
@@ -452,9 +468,23 @@ def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
     return base
 
 
-def apply_override(doc: Doc, item: str) -> None:
-    """Apply one ``--set key.path=value``; the value is read as a YAML scalar or flow collection."""
-    where = Loc("<--set>", 1, 1)
+def apply_overrides(doc: Doc, overrides) -> None:
+    """Apply ``--set`` overrides in order. Their text is kept as the source ``<--set>``, one line per
+    override, so an error in one shows that override with a caret under the problem."""
+    if not overrides:
+        return
+    doc.sources["<--set>"] = "\n".join(overrides)
+    for line, item in enumerate(overrides, 1):
+        try:
+            apply_override(doc, item, line)
+        except SpecError as e:
+            raise e.with_sources(doc.sources) from None
+
+
+def apply_override(doc: Doc, item: str, line: int = 1) -> None:
+    """Apply one ``--set key.path=value``; the value is read as a YAML scalar or flow collection.
+    ``line``: which override this is (its line in the ``<--set>`` source)."""
+    where = Loc("<--set>", line, 1)
     if "=" not in item:
         raise SpecError(where, f"`--set {item}` has no '='", "write `--set encoders.backbone.depth=6`")
     key, _, raw = item.partition("=")
@@ -467,8 +497,11 @@ def apply_override(doc: Doc, item: str) -> None:
         value = raw
     node = doc.data
     path: tuple = ()
+    offset = len(key) - len(key.lstrip())
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        where = Loc("<--set>", line, offset + 1)
+        offset += len(part) + 1
         if isinstance(node, list):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
                 raise SpecError(where, f"`--set {key}`: '{part}' is not an index of the list at '{'.'.join(map(str, path))}'",
@@ -485,6 +518,6 @@ def apply_override(doc: Doc, item: str) -> None:
         if last:
             node[part] = value
             doc.locs = {p: l for p, l in doc.locs.items() if p[: len(path)] != path}
-            doc.locs[path] = Loc("<--set>", 1, len(key) + 2)
+            doc.locs[path] = Loc("<--set>", line, len(key) + 2)
         else:
             node = node[part]

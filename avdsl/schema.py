@@ -48,8 +48,30 @@ def _type_name(value) -> str:
             dict: "a mapping", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
 
 
+_ITEM = {"streams": "stream", "encoders": "encoder", "outputs": "output", "losses": "loss", "rule_sets": "rule set"}
+
+
+def _dedented_key(path: tuple, doc: Doc) -> SpecError | None:
+    """A key of a stream or encoder written one level too far left (`routing:` under `encoders:`) is
+    read as the name of another stream or encoder; say so rather than what that "encoder" lacks."""
+    if len(path) < 2 or path[0] not in _ITEM or not isinstance(path[1], str):
+        return None
+    item_keys = _subschema(path[:2]).get("properties", {})
+    if path[1] not in item_keys:
+        return None
+    names = list(doc.data.get(path[0]) or {})
+    before = names[names.index(path[1]) - 1] if path[1] in names and names.index(path[1]) > 0 else None
+    what = _ITEM[path[0]]
+    return SpecError(doc.key_loc(*path[:2]), f"`{path[1]}:` is indented like a{'n' if what[0] in 'aeiou' else ''} {what} name, "
+                     f"so it is read as {what} '{path[1]}' of `{path[0]}:`",
+                     f"indent it under the {what} it belongs to" + (f" (one level deeper, like the keys of '{before}')" if before else ""))
+
+
 def _error_to_spec_error(err: jsonschema.ValidationError, doc: Doc) -> SpecError:
     path = tuple(err.absolute_path)
+    dedented = _dedented_key(path, doc)
+    if dedented is not None:
+        return dedented
     where = ".".join(map(str, path)) or "the top level"
     validator = err.validator
     if validator == "additionalProperties":
@@ -57,6 +79,9 @@ def _error_to_spec_error(err: jsonschema.ValidationError, doc: Doc) -> SpecError
         extra = [k for k in (err.instance or {}) if k not in allowed]
         key = extra[0] if extra else "?"
         hint = did_you_mean(key, allowed, "a key")
+        prefix = [k for k in allowed if str(key).split("_")[0] == k.split("_")[0]]
+        if not hint.startswith("did you mean") and prefix:  # `drop_modality` -> `drop`
+            hint = "did you mean " + " or ".join(f"'{k}'" for k in prefix) + "?"
         if not str(key).replace("_", "a").isalnum():  # `{tokenizer: patch2d(16, 16)}` splits at the comma
             hint = "inside `{...}` a comma ends the value: quote values that hold commas, e.g. `{tokenizer: \"patch2d(16, 16)\"}`"
         return SpecError(doc.key_loc(*path, key), f"unknown key '{key}' in {where}", hint)
