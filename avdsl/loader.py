@@ -500,7 +500,7 @@ def apply_override(doc: Doc, item: str, line: int = 1) -> None:
     offset = len(key) - len(key.lstrip())
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        where = Loc("<--set>", line, offset + 1)
+        where, above = Loc("<--set>", line, offset + 1), where  # at this part, and at the one before
         offset += len(part) + 1
         if isinstance(node, list):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
@@ -512,7 +512,7 @@ def apply_override(doc: Doc, item: str, line: int = 1) -> None:
                 hint = did_you_mean(part, node.keys(), "a key")
                 raise SpecError(where, f"`--set {key}`: '{part}' is not in the spec at '{'.'.join(map(str, path)) or 'top level'}'", hint)
         else:
-            raise SpecError(where, f"`--set {key}`: '{'.'.join(map(str, path))}' is a value, not a mapping",
+            raise SpecError(above, f"`--set {key}`: '{'.'.join(map(str, path))}' is a value, not a mapping",
                             "set the value itself")
         path = path + (part,)
         if last:

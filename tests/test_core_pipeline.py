@@ -98,7 +98,7 @@ def test_grammar_error_maps_to_yaml_line_and_column(run_cli, write_spec):
 def test_shape_mismatch_is_reported_where_it_is_caused(run_cli, write_spec):
     path = write_spec(TINY_BASE.replace("tokenizer: patch2d(8, 8)", "tokenizer: patch2d(8, 5)"))
     headline, err = _error(run_cli, path)
-    assert f"{path}:9:16: patch2d size 5 does not divide the input's mel bins 16" in headline
+    assert f"{path}:9:16: H302 patch2d size 5 does not divide the input's mel bins 16" in headline
     path = write_spec(TINY_BASE.replace("zv: linear(mean(backbone.video), 8)", "zv: linear(mean(backbone.video), 4)"), "b.yaml")
     headline, err = _error(run_cli, path)
     assert "b.yaml:31:16: the contrastive loss compares embeddings of different widths" in headline
