@@ -101,7 +101,7 @@ def test_shape_mismatch_is_reported_where_it_is_caused(run_cli, write_spec):
     assert f"{path}:9:16: H302 patch2d size 5 does not divide the input's mel bins 16" in headline
     path = write_spec(TINY_BASE.replace("zv: linear(mean(backbone.video), 8)", "zv: linear(mean(backbone.video), 4)"), "b.yaml")
     headline, err = _error(run_cli, path)
-    assert "b.yaml:31:16: the contrastive loss compares embeddings of different widths" in headline
+    assert "b.yaml:31:16: nce() compares embeddings of different widths: 'za' is [B, 8], 'zv' is [B, 4]" in headline
 
 
 # --- routing: the mask is the paper's -----------------------------------------------------------------

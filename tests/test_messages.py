@@ -89,3 +89,22 @@ def test_set_errors_show_the_override_with_a_caret():
 def test_set_value_locations_count_per_override():
     a = analyse("tiny/zorro", ["encoders.backbone.depth=3", "encoders.backbone.heads=2"])
     assert str(a.doc.loc("encoders", "backbone", "heads")) == "<--set>:2:25"
+
+
+def test_swapped_ce_arguments():
+    d = error(SPEC.replace("ce(logits, label)", "ce(label, logits)")).diagnostic
+    assert d.message == "ce() takes the logits first and the target second; 'label' is the label input"
+    assert d.hint == "write `ce(logits, label)`"
+
+
+@pytest.mark.parametrize("loss, message", [
+    ("nce(za, backbone.audio)", "nce() compares one embedding per example [B, D], but 'backbone.audio' is unpooled tokens [B, 8, 16]"),
+    ("nce(za, zb)", "nce() compares embeddings of different widths: 'za' is [B, 8], 'zb' is [B, 16]"),
+    ("nce(za, mean(backbone.audio))", "nce() compares embeddings of different widths: 'za' is [B, 8], 'mean(backbone.audio)' is [B, 16]"),
+])
+def test_contrastive_width_messages_name_the_arguments_as_written(loss, message):
+    text = SPEC.replace("  logits: linear(mean(backbone.audio), 4)\n",
+                        "  logits: linear(mean(backbone.audio), 4)\n  za: linear(mean(backbone.audio), 8)\n"
+                        "  zb: mean(backbone.audio)\n")
+    d = error(text.replace("ce(logits, label)", loss)).diagnostic
+    assert d.message == message

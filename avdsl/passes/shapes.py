@@ -267,6 +267,17 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
             t[key] = t[stream_in[s]]
 
 
+def _written(graph: Graph, tensor: str) -> str:
+    """A tensor as the spec wrote it: an output's or input's name, an encoder output `enc.stream`, or
+    the operator of an inline call."""
+    if tensor.startswith("out.") and tensor[4:] in graph.outputs:
+        return tensor[4:]
+    node = graph.node(graph.producer[tensor]) if tensor in graph.producer else None
+    if isinstance(node, CallNode):
+        return f"{node.op}({', '.join(_written(graph, t) for t in node.inputs)})"
+    return tensor
+
+
 def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
     op = ops.OPS[node.op]
     bound = ops.Bound(node.args)
@@ -280,6 +291,23 @@ def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
     bound["_op"] = op.name
     loc = node.loc
     # checks that need to know which input is which
+    if op.name in ("ce", "bce", "next_token"):
+        first = graph.spec.inputs.get(node.inputs[0])
+        if first is not None and first.kind in ("label", "multilabel", "text"):
+            second = _written(graph, node.inputs[1])
+            raise SpecError(loc, f"{op.name}() takes the logits first and the target second; '{first.name}' is the {first.kind} input",
+                            f"write `{op.name}({second}, {first.name})`")
+    if op.name in ("nce", "mil_nce", "focal_contrastive"):
+        for tensor, shape in zip(node.inputs[:2], shapes[:2]):
+            if len(shape) != 2:
+                name = _written(graph, tensor)
+                raise SpecError(loc, f"{op.name}() compares one embedding per example [B, D], but '{name}' is "
+                                f"{'unpooled tokens ' if len(shape) == 3 else ''}{fmt(shape)}",
+                                f"pool it first, e.g. `mean({name})`, and project both sides to one width")
+        if shapes[0][-1] != shapes[1][-1]:
+            a, b = (_written(graph, t) for t in node.inputs[:2])
+            raise SpecError(loc, f"{op.name}() compares embeddings of different widths: '{a}' is {fmt(shapes[0])}, "
+                            f"'{b}' is {fmt(shapes[1])}", f"project both to one width, e.g. `linear({a}, {shapes[1][-1]})`")
     if op.name in ("ce", "bce"):
         logits, target = bound["logits"], bound["target"]
         decl = graph.spec.inputs.get(node.inputs[1])
