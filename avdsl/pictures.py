@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .api import Analysis
-from .ir import CallNode, EncoderNode, Graph, InputNode, LossNode
+from .ir import CallNode, EncoderNode, FromNode, Graph, InputNode, LossNode
 
 KIND_COLORS = {"input": "#dbe9f6", "stream": "#fde7c8", "encoder": "#d5f0d5", "output": "#ead9f2", "loss": "#f7d4d4"}
 
@@ -28,6 +28,10 @@ class Box:
 class Dataflow:
     boxes: dict  # id -> Box
     edges: list  # (from id, to id)
+    shares: list = None  # (owner id, user id, what): weights one box uses of another, drawn dashed
+
+    def __post_init__(self):
+        self.shares = self.shares or []
 
 
 def _box_of(node) -> tuple[str, str, str]:
@@ -49,7 +53,7 @@ def _box_of(node) -> tuple[str, str, str]:
 def dataflow(analysis: Analysis) -> Dataflow:
     """The condensed dataflow graph of a spec."""
     g: Graph = analysis.graph
-    boxes, edges = {}, []
+    boxes, edges, shares, projections = {}, [], [], {}
     of = {}
     for node in g.nodes():
         bid, kind, name = _box_of(node)
@@ -65,18 +69,29 @@ def dataflow(analysis: Analysis) -> Dataflow:
             elif kind == "encoder":
                 s = node.decl.sizes
                 label = f"{name}\n{s.depth} x {s.width}, {node.decl.weights}"
+                if node.decl.has_passes:
+                    label += "\npasses: " + ", ".join(node.plans)
             elif kind == "loss" and name in analysis.spec.losses:
                 label = f"loss {name}"
             boxes[bid] = Box(bid, kind, label)
         elif kind == "stream":
             t = g.tensors.get(node.outputs[0])
             if t:
-                boxes[bid] = Box(bid, kind, f"{name}\n{t.shape[1]} tokens")
+                boxes[bid] = Box(bid, kind, f"{name}\n{t.shape[1]} tokens" + projections.get(name, ""))
+        if isinstance(node, FromNode):
+            w_in, w_out = g.tensors[node.inputs[0]].shape[-1], g.tensors[node.outputs[0]].shape[-1]
+            if w_in != w_out:  # a width projection between encoders
+                projections[name] = f", linear {w_in} -> {w_out}"
+                boxes[bid] = Box(bid, kind, boxes[bid].label + projections[name])
+            if node.share:
+                shares.append((f"stream:{node.share}", bid, "shares projection"))
+        if isinstance(node, CallNode) and node.args.get("shared"):
+            shares.append((f"output:{node.args['shared']}", bid, "shares weights"))
     for u, v in g.g.edges:
         a, b = of[u], of[v]
         if a != b and (a, b) not in edges:
             edges.append((a, b))
-    return Dataflow(boxes, edges)
+    return Dataflow(boxes, edges, shares)
 
 
 def _safe(bid: str) -> str:
@@ -90,6 +105,7 @@ def to_dot(flow: Dataflow, name: str = "spec") -> str:
         label = b.label.replace("\n", "\\n").replace('"', '\\"')
         lines.append(f'  {_safe(b.id)} [label="{label}", shape={shapes[b.kind]}, fillcolor="{KIND_COLORS[b.kind]}"];')
     lines += [f"  {_safe(a)} -> {_safe(b)};" for a, b in flow.edges]
+    lines += [f'  {_safe(a)} -> {_safe(b)} [style=dashed, label="{what}"];' for a, b, what in flow.shares]
     return "\n".join(lines + ["}"]) + "\n"
 
 
@@ -101,11 +117,13 @@ def to_mermaid(flow: Dataflow) -> str:
         left, right = brackets[b.kind]
         lines.append(f"  {_safe(b.id)}{left}{b.label.replace(chr(10), '<br/>')}{right}")
     lines += [f"  {_safe(a)} --> {_safe(b)}" for a, b in flow.edges]
+    lines += [f"  {_safe(a)} -.->|{what}| {_safe(b)}" for a, b, what in flow.shares]
     return "\n".join(lines) + "\n"
 
 
 def layers_by_depth(flow: Dataflow) -> dict[str, int]:
-    """Each box's column: the longest path to it from a box with no inputs."""
+    """Each box's column: the longest path to it from a box with no inputs. A box with no inputs that
+    only feeds later columns (a label read by a loss) sits just before its first reader."""
     depth = {b: 0 for b in flow.boxes}
     for _ in range(len(flow.boxes)):
         changed = False
@@ -115,6 +133,11 @@ def layers_by_depth(flow: Dataflow) -> dict[str, int]:
                 changed = True
         if not changed:
             break
+    has_input = {b for _, b in flow.edges}
+    for bid in flow.boxes:
+        readers = [depth[b] for a, b in flow.edges if a == bid]
+        if bid not in has_input and readers:
+            depth[bid] = min(readers) - 1
     return depth
 
 
@@ -137,11 +160,31 @@ def draw_dataflow(flow: Dataflow, path: str, title: str = "") -> None:
         for row, bid in enumerate(ids):
             pos[bid] = (col * 2.3, (tallest - 1) / 2 - row + (len(ids) - 1) / 2 - (tallest - 1) / 2 + (tallest - 1) / 2)
     w, h = 1.7, 0.62
+    bottom = min(p[1] for p in pos.values()) - h
+    lane = 0
     for a, b in flow.edges:
         (x0, y0), (x1, y1) = pos[a], pos[b]
-        ax.annotate("", xy=(x1 - w / 2, y1), xytext=(x0 + w / 2, y0),
+        start = (x0 + w / 2, y0)
+        if depth[b] - depth[a] > 1:
+            # an edge that skips columns runs in the gaps between columns and under every box
+            lane += 1
+            y = bottom - 0.18 * lane
+            gap0, gap1 = x0 + w / 2 + 0.2, x1 - w / 2 - 0.2
+            ax.plot([start[0], gap0, gap0, gap1, gap1], [y0, y0, y, y, y1], color="#555555", lw=0.9)
+            start = (gap1, y1)
+        ax.annotate("", xy=(x1 - w / 2, y1), xytext=start,
                     arrowprops=dict(arrowstyle="-|>", color="#555555", lw=0.9, shrinkA=0, shrinkB=0,
                                     connectionstyle="arc3,rad=0.0"))
+    for a, b, what in flow.shares:
+        (x0, y0), (x1, y1) = pos[a], pos[b]
+        if x0 == x1:  # one column: an arc on the right, outside both boxes
+            ends, rad, note = ((x0 + w / 2, y0), (x1 + w / 2, y1)), (-0.5 if y0 > y1 else 0.5), (x0 + w / 2 + 0.15, (y0 + y1) / 2)
+        else:
+            ends, rad, note = ((x0, y0 + h / 2), (x1, y1 + h / 2)), -0.4, ((x0 + x1) / 2, max(y0, y1) + h / 2 + 0.25)
+        ax.annotate("", xy=ends[1], xytext=ends[0],
+                    arrowprops=dict(arrowstyle="-|>", color="#8a5a00", lw=0.9, ls="--", shrinkA=0, shrinkB=0,
+                                    connectionstyle=f"arc3,rad={rad}"))
+        ax.text(*note, what, ha="left" if x0 == x1 else "center", va="center", fontsize=6.5, color="#8a5a00")
     for bid, box in flow.boxes.items():
         x, y = pos[bid]
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
@@ -153,7 +196,7 @@ def draw_dataflow(flow: Dataflow, path: str, title: str = "") -> None:
     xs = [p[0] for p in pos.values()]
     ys = [p[1] for p in pos.values()]
     ax.set_xlim(min(xs) - 1.1, max(xs) + 1.1)
-    ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
+    ax.set_ylim(min(min(ys) - 0.7, bottom - 0.18 * lane - 0.3), max(ys) + 0.7 + (0.4 if flow.shares else 0))
     ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, fc=c, ec="#333333") for c in KIND_COLORS.values()]
     ax.legend(handles, list(KIND_COLORS), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5, frameon=False, fontsize=8)

@@ -57,3 +57,24 @@ def test_cli_graph_and_masks(tmp_path, capsys):
     assert main(["masks", "tiny/zorro", "-o", str(tmp_path / "m.png")]) == 0
     assert "fusion <- ■   ■   ■" in capsys.readouterr().out
     assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+def test_targets_sit_next_to_their_reader_and_skipping_edges_are_routed_below():
+    from avdsl.pictures import layers_by_depth
+
+    flow = dataflow(analyse("tiny/mammut"))
+    depth = layers_by_depth(flow)
+    assert depth["input:caption"] == 0  # it also feeds the text stream
+    flow = dataflow(analyse("mbt-cls"))
+    depth = layers_by_depth(flow)
+    assert depth["input:labels"] == depth["loss:classification"] - 1
+
+
+def test_passes_projections_and_shared_weights_are_shown():
+    flow = dataflow(analyse("cav-mae"))
+    assert "passes: audio, video, av" in flow.boxes["encoder:joint"].label
+    assert "linear 768 -> 512" in flow.boxes["stream:decoder_audio"].label
+    assert ("stream:decoder_audio", "stream:decoder_video", "shares projection") in flow.shares
+    assert "-.->|shares projection|" in to_mermaid(flow) and "style=dashed" in to_dot(flow)
+    shares = dataflow(analyse("mbt-cls")).shares
+    assert ("output:logits_audio", "output:logits_video", "shares weights") in shares
