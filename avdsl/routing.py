@@ -168,6 +168,9 @@ def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, .
             if flag not in FLAGS:
                 raise SpecError(loc, f"unknown routing flag '{flag}'", did_you_mean(flag, FLAGS, "a flag"))
         cross = "cross" in rule.flags
+        if cross and "causal" in rule.flags:
+            raise SpecError(loc, "a rule cannot be both `(causal)` and `(cross)`: cross-attention reads its keys whole",
+                            "write the causal self-attention and the cross-attention as two rules")
         pool = streams + memory if cross else streams
         for q in rule.queries:
             if q not in streams:

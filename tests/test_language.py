@@ -103,3 +103,8 @@ def test_memory_read_without_cross_says_how_to_read_it(tmp_path):
     d = e.value.diagnostic
     assert d.message == "routing reads memory stream 'clip' with self-attention"
     assert d.hint == "memory is read by cross-attention: write `... <- clip (cross)`"
+
+
+def test_causal_cross_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"both `\(causal\)` and `\(cross\)`"):
+        spec(tmp_path, PERCEIVER_IO.replace("(cross)", "(causal, cross)"))

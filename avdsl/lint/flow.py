@@ -138,17 +138,21 @@ def _encoder_sight(node: EncoderNode, flow: Flow, source: str, sight: dict) -> N
         for li, layer in enumerate(plan.layers):
             new, new_deps = dict(state), dict(deps)
             for a in layer.attends:
-                cur = new[a.query]
                 for k in a.keys:
                     new_deps[a.query] = new_deps[a.query] | deps[k]
-                    if cur.leak is not None or not cur.aligned:
-                        break  # only a stream aligned with the text can see its later tokens
-                    if state[k].leak is not None:
-                        cur = Sight(cur.aligned, state[k].leak)
-                    elif k == a.query and state[k].aligned and not a.causal and not a.cross:
-                        cur = Sight(cur.aligned, Entry(node.id, pname, li, k, a.query))
-                    elif k != a.query and source in deps[k]:
-                        cur = Sight(cur.aligned, Entry(node.id, pname, li, k, a.query))
+                cur = new[a.query]
+                if not cur.aligned or cur.leak is not None:
+                    new[a.query] = cur  # only a stream aligned with the text can see its later tokens
+                    continue
+                for k in a.keys:
+                    # reading itself sees later tokens unless causal (cross-attention has no causal mask);
+                    # reading any other stream that depends on the text sees all of it
+                    own = k == a.query and state[k].aligned and (a.cross or not a.causal)
+                    leak = state[k].leak or (Entry(node.id, pname, li, k, a.query) if own or (
+                        k != a.query and source in deps[k]) else None)
+                    if leak is not None:
+                        cur = Sight(True, leak)
+                        break
                 new[a.query] = cur
             state, deps = new, new_deps
         for s in plan.streams():
