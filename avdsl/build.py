@@ -177,7 +177,7 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
     if s.position is not None:
         op = ops.get(s.position.name, "position", s.locs["position"].shifted(s.position.col))
         args = dict(ops.bind(op, s.position, s.locs["position"]))
-        if op.name != "none":
+        if not op.adds_nothing:
             out = f"{s.name}/pos"
             graph.add(PositionNode(id=f"{s.name}/position", inputs=(current,), outputs=(out,), loc=s.locs["position"],
                                    stream=s.name, op=op.name, args=args))
@@ -195,8 +195,8 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
         if not 0.0 < args["rate"] < 1.0:
             raise SpecError(s.locs[key].shifted(args.cols.get("rate", 0)), f"{op.name} rate must be between 0 and 1, got {args['rate']}",
                             "e.g. `droptoken(0.5)` keeps half the tokens")
-        if key == "mask" and op.name != "random_mask" or key == "drop" and op.name != "droptoken":
-            want = "random_mask" if key == "mask" else "droptoken"
+        if op.writes_mask != (key == "mask"):
+            want = next(o.name for o in ops.of_category("drop") if o.writes_mask == (key == "mask"))
             raise SpecError(s.locs[key].shifted(call.col), f"`{key}:` takes {want}(rate), not {op.name}()",
                             f"write `{key}: {want}({args['rate']})`")
         out = f"{s.name}/kept"
@@ -294,7 +294,7 @@ def _add_outputs(graph: Graph, spec: Spec, names: _Names) -> None:
     for name, item in spec.outputs.items():
         e = item.expr
         if isinstance(e, ex.Ref):
-            e = ex.Call("tokens", (e,), (), e.col)  # `za: backbone.audio` means the tokens themselves
+            e = ex.Call(ops.PLAIN_OUTPUT, (e,), (), e.col)  # `za: backbone.audio` means the tokens themselves
         if not isinstance(e, ex.Call):
             raise SpecError(item.loc, f"output '{name}' must be an operator call, e.g. `mean(backbone.audio)`",
                             "arithmetic belongs in `losses:`; outputs are calls of pooling and projection operators")
