@@ -12,7 +12,7 @@ from . import expr as ex
 from . import ops
 from .diagnostics import Loc, SpecError, did_you_mean
 from .ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, InputNode, LatentNode, LossNode,
-                 PositionNode, RestoreNode, TokenizeNode, TypeEmbedNode)
+                 PositionNode, RestoreNode, TokenizeNode, TypeEmbedNode, encoder_output)
 from .routing import plan_pass
 from .spec import Spec
 
@@ -44,7 +44,14 @@ def _a(word: str) -> str:
     return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
+RESERVED_INPUTS = ("self",)  # a model is called as `model(**inputs)`, where `self` cannot be a keyword
+
+
 def _check_unique_names(spec: Spec) -> None:
+    for name, decl in spec.inputs.items():
+        if name in RESERVED_INPUTS:
+            raise SpecError(decl.loc, f"an input cannot be called '{name}': models take their inputs as keyword arguments",
+                            f"rename it, e.g. '{name}_input'")
     seen: dict[str, tuple[str, Loc]] = {}
     groups = [("input", spec.inputs, lambda d: d.loc), ("stream", spec.streams, lambda d: d.loc),
               ("encoder", spec.encoders, lambda d: d.loc), ("output", spec.outputs, lambda d: d.loc),
@@ -256,7 +263,7 @@ def _add_encoder(graph, spec, ename, enc, stream_tensor, encoder_outputs, names)
     for pname, plan in plans.items():
         computed = plan.streams()
         for s in computed:
-            key = f"{ename}.{pname}.{s}" if pname else f"{ename}.{s}"
+            key = encoder_output(ename, pname, s)
             outputs.append(key)
             encoder_outputs[key] = key
     graph.add(EncoderNode(id=ename, inputs=inputs, outputs=tuple(outputs), loc=enc.loc, decl=enc, plans=plans,

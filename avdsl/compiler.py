@@ -17,7 +17,7 @@ from .ir import CallNode, EncoderNode, Graph, visit
 from .passes.shapes import weight_sets
 from .runtime import embeddings as E
 from .runtime.contracts import Classifier, EvalPlan, InputSpec, RetrievalPair
-from .runtime.encoder import StreamTransformer
+from .runtime.encoder import Attend, LayerSizes, StreamTransformer
 
 
 def resolve(target: str):
@@ -83,9 +83,9 @@ MODULES = {
 
 def build_encoder(node: EncoderNode, graph: Graph) -> StreamTransformer:
     enc = node.decl
-    plans = {p: [tuple((a.query, a.keys, a.weights, a.causal, a.cross) for a in layer.attends) for layer in plan.layers]
+    plans = {p: [tuple(Attend(a.query, a.keys, a.weights, a.causal, a.cross) for a in layer.attends) for layer in plan.layers]
              for p, plan in node.plans.items()}
-    sizes = {w: (s.sizes.width, s.sizes.depth, s.sizes.heads, s.sizes.mlp_dim) for w, s in weight_sets(node).items()}
+    sizes = {w: LayerSizes(s.sizes.width, s.sizes.depth, s.sizes.heads, s.sizes.mlp_dim) for w, s in weight_sets(node).items()}
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
     memory_widths = {m: graph.tensors[stream_in[m]].shape[-1] for m in node.memory}
     return StreamTransformer(plans, sizes, memory_widths=memory_widths, norms=enc.norms, final_norm=enc.final_norm,

@@ -130,6 +130,11 @@ class LossNode(Node):
     weights: tuple[float, ...]  # one per input
 
 
+def encoder_output(encoder: str, pass_: str, stream: str) -> str:
+    """The name of what an encoder computes for a stream: ``backbone.audio``, or ``joint.av.a`` in a pass."""
+    return f"{encoder}.{pass_}.{stream}" if pass_ else f"{encoder}.{stream}"
+
+
 KINDS = tuple(cls.kind for cls in Node.__subclasses__())
 STREAM_KINDS = ("tokenize", "position", "typeembed", "latent", "drop", "from", "restore")  # nodes of one stream's chain
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..ir import KINDS, EncoderNode, Graph, InputNode, visit
+from ..ir import KINDS, EncoderNode, Graph, InputNode, encoder_output, visit
 
 
 class Source(NamedTuple):
@@ -84,7 +84,7 @@ def _encoder(node: EncoderNode, flow: Flow) -> None:
                     new[a.query] = new[a.query] | state[k]
             state = new
         for s in plan.streams():
-            key = f"{node.id}.{pname}.{s}" if pname else f"{node.id}.{s}"
+            key = encoder_output(node.id, pname, s)
             flow.deps[key] = state[s]
             flow.stream_of[key] = s
             for (q, source), entry in entered.items():

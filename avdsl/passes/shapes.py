@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .. import ops
 from ..diagnostics import SpecError
 from ..ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, InputNode, LatentNode, LossNode,
-                  PositionNode, RestoreNode, TensorInfo, TokenizeNode, visit)
+                  PositionNode, RestoreNode, TensorInfo, TokenizeNode, encoder_output, visit)
 from ..ops import divisors, fmt
 from ..spec import Sizes, Spec
 
@@ -248,7 +248,7 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
                     # handled by a boolean mask in the runtime; nothing to check here
                     pass
         for s in plan.streams():
-            key = f"{enc.name}.{pname}.{s}" if pname else f"{enc.name}.{s}"
+            key = encoder_output(enc.name, pname, s)
             t[key] = t[stream_in[s]]
 
 
