@@ -66,6 +66,8 @@ def _call(node, graph: Graph):
     return _build(op.module(ops.bound_for(op, {**node.args, "x": graph.tensors[node.inputs[0]].shape})))
 
 
+NO_DECAY_KINDS = ("position", "typeembed", "latent", "restore")  # learned tables and tokens: no weight decay
+
 MODULES = {
     "input": lambda node, graph: None,
     "tokenize": _tokenize,
@@ -143,6 +145,8 @@ class CompiledModel(nn.Module):
         for name, module in modules.items():
             self.add_module(name, module)
         code = self.code = emitted.code
+        self.no_weight_decay = tuple(emitted.attrs[n.id] for n in graph.nodes() if n.kind in NO_DECAY_KINDS
+                                     and emitted.attrs[n.id] in modules)
         self.arg_names = {name: param for name, param in emitted.params.items() if name != param}  # renamed inputs
         self.inputs = input_specs(graph)
         self.eval_plan = eval_plan(graph)

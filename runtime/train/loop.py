@@ -6,9 +6,11 @@ bit: each step's batch is a pure function of (seed, step, rank) (see ``sampling`
 hold the optimizer, scheduler and RNG states, so a resumed run continues exactly as the
 uninterrupted run would have.
 
-Weight decay applies to matrices only: parameters with ndim <= 1 (biases, norm scales) and those
-whose name contains "pos" or "token" (position embeddings, latent/class tokens, token embedding
-tables) are not decayed, as decaying them pulls learned positions and tokens towards zero.
+Weight decay is decided by role: biases and scales (parameters with ndim <= 1), norms, embedding
+tables, and the modules a model lists in ``no_weight_decay`` (a compiled model lists its positional
+tables, type embeddings, latent/CLS tokens and mask tokens, from its graph) are not decayed, as
+decaying them pulls learned positions and tokens towards zero. Every other weight, patch and
+tubelet projections included, is decayed.
 
 SIGINT and SIGTERM ask the loop to stop after the current step; it then writes a checkpoint and
 returns normally (``summary.interrupted``). A second SIGINT aborts at once without a checkpoint,
@@ -27,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
@@ -57,14 +60,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decayed matrices, and undecayed biases/norms/positions/tokens (see module doc)."""
+NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Embedding)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decayed weights, and undecayed parameters by role (see module doc)."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, NO_DECAY_TYPES) for p in m.parameters()}
+    listed = tuple(getattr(model, "no_weight_decay", ()))  # module or parameter names of the model
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        exempt = parameter.ndim <= 1 or "pos" in name or "token" in name
-        (no_decay if exempt else decay).append(parameter)
+        role_exempt = any(name == n or name.startswith(n + ".") for n in listed)
+        exempt_here = parameter.ndim <= 1 or id(parameter) in exempt or role_exempt
+        (no_decay if exempt_here else decay).append(parameter)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
