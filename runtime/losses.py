@@ -17,18 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "nce",
-    "mil_nce",
-    "focal_contrastive",
-    "masked_mse",
-    "patchify",
-    "unpatchify",
-    "ce",
-    "bce",
-    "next_token",
-]
-
 
 def _no_autocast(x: Tensor) -> torch.autocast:
     """A context that turns autocast off on ``x``'s device, so the loss runs in float32."""

@@ -153,7 +153,7 @@ def test_cost_pass_matches_counted_encoder_flops(name):
     for node in analysis.graph.nodes():
         if not isinstance(node, EncoderNode):
             continue
-        st = getattr(model, codegen.attr(node.id))
+        st = getattr(model, codegen.attr_names(analysis.graph)[node.id])
         x = {s: torch.randn(1, analysis.graph.tensors[t].shape[1], analysis.graph.tensors[t].shape[2])
              for s, t in zip(node.streams + node.memory, node.inputs)}
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
