@@ -143,3 +143,14 @@ def test_an_input_named_self_is_refused_with_a_hint(tmp_path):
     path.write_text(SPEC.replace("  print[B, 16, 16]: fbank", "  self[B, 16, 16]: fbank").replace("input: print,", "input: self,"))
     with pytest.raises(SpecError, match="cannot be called 'self'"):
         analyse(str(path))
+
+
+def test_a_file_name_with_line_breaks_stays_inside_its_comment(tmp_path):
+    import ast
+
+    path = tmp_path / "x\nimport os; os.system('echo hi')\n#.yaml"
+    path.write_text(SPEC)
+    code = codegen.generate(analyse(str(path)).graph)
+    tree = ast.parse(code)
+    assert [type(n).__name__ for n in tree.body] == ["FunctionDef"]
+    assert "\nimport os" not in code
