@@ -26,9 +26,18 @@ class Node:
     kind: ClassVar[str] = ""
 
     @property
-    def component(self) -> str:
-        """The spec component this node belongs to (for per-component parameter counts)."""
-        return self.id.split("/")[0]
+    def component(self) -> tuple[str, str]:
+        """The spec component a reader recognises this node by: ``("streams", "audio")``,
+        ``("encoders", "backbone")``, ``("outputs", "za")``, ``("losses", "contrastive")``, ``("inputs", "fbank")``."""
+        if self.id.startswith("out."):
+            return "outputs", self.id[4:].split("~")[0]
+        if self.id.startswith("loss."):
+            return "losses", self.id[5:].split("~")[0]
+        if self.kind == "encoder":
+            return "encoders", self.id
+        if getattr(self, "stream", None):
+            return "streams", self.stream
+        return "inputs", self.id
 
 
 @dataclass(frozen=True, kw_only=True)

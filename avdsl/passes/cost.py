@@ -174,24 +174,10 @@ def count(graph: Graph) -> Cost:
     return cost
 
 
-def component_of(node) -> str:
-    """The spec component a reader recognises a node by: ``streams.audio``, ``encoders.backbone``, ``outputs.za``..."""
-    key = node.component
-    if key.startswith("out."):
-        return "outputs." + key[4:].split("~")[0]
-    if key.startswith("loss."):
-        return "losses." + key[5:].split("~")[0]
-    if node.kind == "encoder":
-        return f"encoders.{node.id}"
-    if getattr(node, "stream", None):
-        return f"streams.{node.stream}"
-    return f"inputs.{key}"
-
-
 def by_component(graph: Graph, per_node: dict[str, int]) -> dict[str, int]:
     """A per-node count (``cost.params``, ``cost.flops``) summed per component."""
     out: dict[str, int] = {}
     for nid, value in per_node.items():
-        key = component_of(graph.node(nid))
+        key = ".".join(graph.node(nid).component)
         out[key] = out.get(key, 0) + value
     return {k: v for k, v in out.items() if v}
