@@ -119,6 +119,7 @@ class _Emitter:
         self.body: list[str] = []
         self.loss_lines: dict[str, list[str]] = {}
         self.last_group = None
+        self.first_input = ""  # the parameter latent tokens take their batch size from (set by `emit`)
 
     def tensor(self, name: str) -> str:
         return self.var(("tensor", name), name)
@@ -151,7 +152,7 @@ class _Emitter:
         args = ", ".join(self.tensor(i) for i in node.inputs)
         outs = ", ".join(self.tensor(o) for o in node.outputs)
         if node.kind == "latent" and not node.prepend:
-            text = f"{outs} = self.{self.attrs[node.id]}({self.first_input})"  # latent tokens take its batch size
+            text = f"{outs} = self.{self.attrs[node.id]}({self.first_input})"
         elif node.kind == "latent":
             text = f"{outs} = self.{self.attrs[node.id]}.prepend({args})"
         elif node.kind == "from" and self.graph.tensors[node.inputs[0]].shape[-1] == self.graph.tensors[out].shape[-1]:
