@@ -183,9 +183,9 @@ class _Emitter:
         op = ops.OPS[node.op]
         args = [self.tensor(i) for i in node.inputs]
         if op.share and node.args.get(op.share):
-            return f"self.{self.attrs['out.' + node.args[op.share]]}({args[0]})"
+            return f"self.{self.attrs['out.' + node.args[op.share]]}({', '.join(args)})"
         if op.module:
-            return f"self.{self.attrs[node.id]}({args[0]})"
+            return f"self.{self.attrs[node.id]}({', '.join(args)})"
         if op.positional:
             args += [_literal(v) for v in node.args.values()]
         else:

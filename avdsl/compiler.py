@@ -14,7 +14,7 @@ from torch import nn
 
 from . import codegen, ops
 from .ir import CallNode, EncoderNode, Graph, visit
-from .passes.shapes import weight_sets
+from .passes.shapes import call_bound, weight_sets
 from .runtime import embeddings as E
 from .runtime.contracts import Classifier, EvalPlan, InputSpec, RetrievalPair
 from .runtime.encoder import Attend, LayerSizes, StreamTransformer
@@ -63,7 +63,7 @@ def _call(node, graph: Graph):
     op = ops.OPS[node.op]
     if op.module is None or (op.share and node.args.get(op.share)):
         return None  # a function, or the module of the output it shares (see `codegen`)
-    return _build(op.module(ops.bound_for(op, {**node.args, "x": graph.tensors[node.inputs[0]].shape})))
+    return _build(op.module(call_bound(node, graph)))
 
 
 NO_DECAY_KINDS = ("position", "typeembed", "latent", "restore")  # learned tables and tokens: no weight decay

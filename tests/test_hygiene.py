@@ -154,3 +154,13 @@ def test_a_file_name_with_line_breaks_stays_inside_its_comment(tmp_path):
     tree = ast.parse(code)
     assert [type(n).__name__ for n in tree.body] == ["FunctionDef"]
     assert "\nimport os" not in code
+
+
+def test_renamed_inputs_trace_as_one_graph(model):
+    """Mapping input names to parameter names does not break graph capture."""
+    batch = random_batch(model.inputs, 2)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got, expected = compiled(**batch), model(**batch)
+    torch.testing.assert_close(got["outputs"]["z_other"], expected["outputs"]["z_other"])
+    torch.testing.assert_close(got["loss"], expected["loss"])

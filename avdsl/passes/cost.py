@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .. import ops
 from ..ir import CallNode, EncoderNode, FromNode, Graph, PositionNode, TokenizeNode, visit
 from ..ops import size_of as _n
-from .shapes import weight_sets
+from .shapes import call_bound, weight_sets
 
 
 @dataclass
@@ -120,8 +120,8 @@ def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
 
 
 def _op_cost(op: ops.OpDef, node, graph: Graph, **facts) -> ops.OpCost:
-    x = graph.tensors[node.inputs[0]]
-    b = ops.bound_for(op, {**node.args, "x": x.shape}, **facts)
+    """The cost of a stream operator (tokenizer, position) on the tokens or input ``x`` it reads."""
+    b = ops.bound_for(op, {**node.args, "x": graph.tensors[node.inputs[0]].shape}, **facts)
     return op.cost(b) if op.cost else ops.OpCost()
 
 
@@ -144,7 +144,7 @@ def _from(node: FromNode, graph: Graph, cost: Cost) -> ops.OpCost:
 
 def _call(node: CallNode, graph: Graph, cost: Cost) -> ops.OpCost:
     op = ops.OPS[node.op]
-    return _op_cost(op, node, graph) if op.cost else ops.OpCost()
+    return op.cost(call_bound(node, graph)) if op.cost else ops.OpCost()
 
 
 RULES = {

@@ -252,7 +252,9 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
             t[key] = t[stream_in[s]]
 
 
-def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
+def call_bound(node: CallNode, graph: Graph) -> ops.Bound:
+    """A call's arguments for its operator's rules: tensor parameters bound to their shapes (a list for
+    variadic ones) and, when they read a spec input directly, to its declaration in ``decls``."""
     op = ops.OPS[node.op]
     b = ops.bound_for(op, node.args)
     variadic = {p.name for p in op.params if p.kind == "tensors"}
@@ -263,4 +265,8 @@ def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
         else:
             b[param] = shape
             b.decls[param] = graph.spec.inputs.get(tensor)
-    return TensorInfo(tuple(op.shape(b, node.loc)))
+    return b
+
+
+def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
+    return TensorInfo(tuple(ops.OPS[node.op].shape(call_bound(node, graph), node.loc)))
