@@ -133,7 +133,7 @@ class _Emitter:
 
     def shape(self, tensor: str) -> str:
         info = self.graph.tensors.get(tensor)
-        return f"  # {fmt(info.shape)}" if info is not None and info.shape else ""
+        return comment_text(f"  # {fmt(info.shape)}") if info is not None and info.shape else ""
 
     def module_attr(self, node) -> str:
         """The module a stream node runs: its own, or, with ``share:``, that of the stream it shares."""
