@@ -19,8 +19,8 @@ from .api import Analysis, analyse, analyse_text
 from .diagnostics import Loc, SpecError
 from .ir import EncoderNode
 from .loader import resolve_spec_path
+from .passes.cost import by_component
 from .routing import plan_pass
-from .passes.cost import Cost, by_component
 from .summary import _human, streams_table
 
 VALUE_SECTIONS = ("vars", "dims", "inputs", "train")
@@ -188,8 +188,8 @@ def _flat(data, prefix: str = "") -> dict:
 
 
 def _components(a: Analysis) -> tuple[dict, dict]:
-    params = by_component(a.graph, a.cost)
-    flops = by_component(a.graph, Cost(params=dict(a.cost.flops)))  # same grouping, applied to FLOPs
+    params = by_component(a.graph, a.cost.params)
+    flops = by_component(a.graph, a.cost.flops)
     return params, flops
 
 

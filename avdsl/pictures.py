@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .api import Analysis
-from .ir import CallNode, EncoderNode, FromNode, Graph, InputNode, LossNode
+from . import ops
+from .ir import CallNode, EncoderNode, FromNode, Graph
 
 KIND_COLORS = {"input": "#dbe9f6", "stream": "#fde7c8", "encoder": "#d5f0d5", "output": "#ead9f2", "loss": "#f7d4d4"}
 
@@ -34,20 +35,14 @@ class Dataflow:
         self.shares = self.shares or []
 
 
+_BOX_KINDS = {"inputs": "input", "encoders": "encoder", "losses": "loss", "outputs": "output", "streams": "stream"}
+
+
 def _box_of(node) -> tuple[str, str, str]:
-    """(box id, kind, name) for an IR node."""
-    if isinstance(node, InputNode):
-        return f"input:{node.id}", "input", node.id
-    if isinstance(node, EncoderNode):
-        return f"encoder:{node.id}", "encoder", node.id
-    if isinstance(node, LossNode) or node.id.startswith("loss."):
-        name = node.id[5:].split("~")[0]
-        return f"loss:{name}", "loss", name
-    if isinstance(node, CallNode):
-        name = node.id[4:].split("~")[0]
-        return f"output:{name}", "output", name
-    stream = getattr(node, "stream")
-    return f"stream:{stream}", "stream", stream
+    """(box id, kind, name) for an IR node: one box per spec component."""
+    group, name = node.component
+    kind = _BOX_KINDS[group]
+    return f"{kind}:{name}", kind, name
 
 
 def dataflow(analysis: Analysis) -> Dataflow:
@@ -69,7 +64,7 @@ def dataflow(analysis: Analysis) -> Dataflow:
             elif kind == "encoder":
                 s = node.decl.sizes
                 label = f"{name}\n{s.depth} x {s.width}, {node.decl.weights}"
-                if node.decl.has_passes:
+                if list(node.plans) != [""]:
                     label += "\npasses: " + ", ".join(node.plans)
             elif kind == "loss" and name in analysis.spec.losses:
                 label = f"loss {name}"
@@ -85,8 +80,8 @@ def dataflow(analysis: Analysis) -> Dataflow:
                 boxes[bid] = Box(bid, kind, boxes[bid].label + projections[name])
             if node.share:
                 shares.append((f"stream:{node.share}", bid, "shares projection"))
-        if isinstance(node, CallNode) and node.args.get("shared"):
-            shares.append((f"output:{node.args['shared']}", bid, "shares weights"))
+        if isinstance(node, CallNode) and ops.OPS[node.op].share and node.args.get(ops.OPS[node.op].share):
+            shares.append((f"output:{node.args[ops.OPS[node.op].share]}", bid, "shares weights"))
     for u, v in g.g.edges:
         a, b = of[u], of[v]
         if a != b and (a, b) not in edges:

@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from .. import ops
 from ..api import Analysis
 from ..diagnostics import Diagnostic, Loc
-from ..ir import CallNode, EncoderNode, LatentNode, LossNode
+from ..ir import CallNode, EncoderNode, LatentNode, LossNode, encoder_output
 from ..passes.shapes import weight_sets
-from .flow import Flow, future_sight, reads
+from .flow import Flow, Source, future_sight, reads
 
 AUDIO_KINDS = ("fbank", "waveform")
 TARGET_KINDS = ("label", "multilabel")  # may be declared for evaluation or for specs that extend this one
-CONTRASTIVE = ("nce", "mil_nce", "focal_contrastive")  # losses that match the rows of two embeddings
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _final_dependants(ctx: Context) -> set[str]:
 def _dead_streams(rule: Rule, ctx: Context):
     used = _final_dependants(ctx)
     for name, s in ctx.analysis.spec.streams.items():
-        if f"stream:{name}" in used:
+        if Source("stream", name) in used:
             continue
         what = "latent tokens" if s.source == "latent" else "tokens"
         yield rule.finding(s.loc, f"no output or loss depends on stream '{name}': its {what} never reach an output",
@@ -115,7 +115,7 @@ def _unimodal_leaks(rule: Rule, ctx: Context):
         foreign = sorted(flow.sources_of(tensor, "input") - own)
         if not foreign:
             continue
-        via = _leak_path(ctx, tensor, f"input:{foreign[0]}")
+        via = _leak_path(ctx, tensor, Source("input", foreign[0]))
         yield rule.finding(spec.outputs[name].loc,
                            f"output '{name}' reads only stream '{stream}', but it depends on input"
                            f"{'s' if len(foreign) > 1 else ''} {', '.join(repr(f) for f in foreign)} through routing{via}",
@@ -123,22 +123,14 @@ def _unimodal_leaks(rule: Rule, ctx: Context):
                            f"if the mix is intended, rename the output or add `# noqa: {rule.code}` to its line")
 
 
-def _leak_path(ctx: Context, tensor: str, source: str) -> str:
+def _leak_path(ctx: Context, tensor: str, source: Source) -> str:
     """`` (layer 3 of backbone: audio <- fusion)`` for the first encoder output on the way that let it in."""
-    g, flow = ctx.analysis.graph, ctx.flow
-    todo, seen = [tensor], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        for (key, src), e in flow.entries.items():
-            if key == t and src == source:
-                where = f"{e.encoder}" + (f" pass {e.pass_}" if e.pass_ else "")
-                return f" (from layer {e.layer} of {where}: {flow.stream_of[t]} <- {e.via})"
-        nid = g.producer.get(t)
-        if nid is not None:
-            todo.extend(g.node(nid).inputs)
+    flow = ctx.flow
+    for t in ctx.analysis.graph.upstream(tensor):
+        e = flow.entries.get((t, source))
+        if e is not None:
+            where = f"{e.encoder}" + (f" pass {e.pass_}" if e.pass_ else "")
+            return f" (from layer {e.layer} of {where}: {flow.stream_of[t]} <- {e.via})"
     return ""
 
 
@@ -153,7 +145,7 @@ def _isolated_latents(rule: Rule, ctx: Context):
             if flow.sources_of(t, "input"):
                 continue
             enc = encoders[g.producer[t]]
-            pname = t.split(".")[1] if enc.decl.has_passes else ""
+            pname = next((p for p in enc.plans if p and encoder_output(enc.id, p, node.stream) == t), "")
             where = f" in pass '{pname}' of encoder '{enc.id}'" if pname else ""
             yield rule.finding(node.loc, f"latent stream '{node.stream}' never reads an input stream{where}: its encoder output "
                                f"{'there ' if pname else ''}is the same for every example",
@@ -191,7 +183,7 @@ def _nonpositive_weights(rule: Rule, ctx: Context):
 def _self_comparisons(rule: Rule, ctx: Context):
     for item, node, terms in _loss_terms(ctx):
         for term in terms:
-            if isinstance(term, CallNode) and term.op in CONTRASTIVE and \
+            if isinstance(term, CallNode) and ops.OPS[term.op].contrastive and \
                     len(term.inputs) >= 2 and term.inputs[0] == term.inputs[1]:
                 yield rule.finding(item.loc, f"loss '{node.name}' contrasts '{_written(term.inputs[0])}' with itself",
                                    "a contrastive loss needs two different views, e.g. `nce(za, zv)`")
@@ -206,7 +198,7 @@ def _contrastive_leaks(rule: Rule, ctx: Context):
     flow = ctx.flow
     for item, node, terms in _loss_terms(ctx):
         for term in terms:
-            if not isinstance(term, CallNode) or term.op not in CONTRASTIVE or term.inputs[0] == term.inputs[1]:
+            if not isinstance(term, CallNode) or not ops.OPS[term.op].contrastive or term.inputs[0] == term.inputs[1]:
                 continue  # the same tensor twice is L402
             a, b = term.inputs[:2]
             shared = sorted(flow.sources_of(a, "input") & flow.sources_of(b, "input"))
@@ -214,7 +206,7 @@ def _contrastive_leaks(rule: Rule, ctx: Context):
                 continue
             via = ""
             for side in (b, a):
-                path = _leak_path(ctx, side, f"input:{shared[0]}")
+                path = _leak_path(ctx, side, Source("input", shared[0]))
                 if path:
                     via = f": '{_written(side)}' reads it through routing{path}"
                     break
@@ -228,7 +220,7 @@ def _causal_leaks(rule: Rule, ctx: Context):
     g = ctx.analysis.graph
     for item, node, terms in _loss_terms(ctx):
         for term in terms:
-            if not isinstance(term, CallNode) or term.op != "next_token":
+            if not isinstance(term, CallNode) or ops.OPS[term.op].evaluates != "caption":  # next_token
                 continue
             logits, tokens = term.inputs[:2]
             if tokens not in g.spec.inputs:
@@ -292,8 +284,8 @@ RULES: tuple[Rule, ...] = (
           same for every example and carries no information. With `passes:`, each pass is checked on its
           own: a pass in which the latents read only themselves is reported.""", _isolated_latents),
     _rule("R206", "contrastive-leak", "The two sides of a contrastive loss depend on a common input.",
-          """nce, mil_nce and focal_contrastive learn a correspondence between two embeddings by telling the
-          matching row apart from the others. If, through the routing, both sides depend on the same input
+          """Contrastive losses (""" + ", ".join(op.name for op in ops.OPS.values() if op.contrastive) + """) learn a
+          correspondence between two embeddings by telling the matching row apart from the others. If, through the routing, both sides depend on the same input
           (the video stream attends to the audio that the other side pools), each row can be matched by the
           shared input itself and retrieval looks perfect while nothing is learned. Lint follows the routing
           layer by layer and names the first layer and key stream that let the input in; output names do
@@ -319,8 +311,9 @@ RULES: tuple[Rule, ...] = (
           """The training objective is the sum of the named losses, each a weighted sum of loss calls. A zero
           weight computes a term that trains nothing; a negative one maximises it.""", _nonpositive_weights),
     _rule("L402", "self-contrast", "A contrastive loss compares an output with itself.",
-          """nce, mil_nce and focal_contrastive pull matching rows of two embeddings together and push the
-          others apart. Given the same tensor twice, the positives are trivially matched.""", _self_comparisons),
+          """Contrastive losses (""" + ", ".join(op.name for op in ops.OPS.values() if op.contrastive) + """) pull matching
+          rows of two embeddings together and push the others apart. Given the same tensor twice, the positives
+          are trivially matched.""", _self_comparisons),
     _rule("L403", "no-losses", "The spec has no losses.",
           """Without `losses:` the model has no training objective; `avdsl train` needs at least one.""", _no_losses),
 )
