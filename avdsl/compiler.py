@@ -66,7 +66,7 @@ def _call(node, graph: Graph):
     return _build(op.module(call_bound(node, graph)))
 
 
-NO_DECAY_KINDS = ("position", "typeembed", "latent", "restore")  # learned tables and tokens: no weight decay
+NO_DECAY_KINDS = ("position", "typeembed", "latent", "restore", "drop")  # learned tables and tokens: no weight decay
 
 MODULES = {
     "input": lambda node, graph: None,

@@ -304,6 +304,26 @@ def _pool_shape(b: Bound, loc: Loc) -> Shape:
     return (shapes[0][0], shapes[0][-1])
 
 
+def _attnpool_shape(b: Bound, loc: Loc) -> Shape:
+    batch, width = _pool_shape(b, loc)
+    if b["queries"] < 1 or b["heads"] < 1:
+        raise fail(loc, f"attnpool() needs at least one query and one head, got queries={b['queries']}, heads={b['heads']}",
+                   "e.g. `attnpool(backbone.audio, queries=1, heads=4)`")
+    if width % b["heads"]:
+        raise SpecError(loc, f"attnpool(): {b['heads']} heads do not divide the width {width}",
+                        f"use heads that divide {width}, e.g. {', '.join(str(d) for d in divisors(width, b['heads']))}", code="H301")
+    return (batch, width) if b["queries"] == 1 else (batch, b["queries"], width)
+
+
+def _attnpool_cost(b: Bound) -> OpCost:
+    """Learned queries, the query projection of each query, key and value projections of every token,
+    attention, and the output projection (`torch.nn.MultiheadAttention`)."""
+    d, q = b["x"][0][-1], b["queries"]
+    n = sum(size_of(s[1]) for s in b["x"])
+    params = q * d + 4 * d * d + 4 * d
+    return OpCost(params, 0, 2 * d * d * (2 * q + 2 * n) + 4 * q * n * d)
+
+
 def _avg_shape(b: Bound, loc: Loc) -> Shape:
     shapes = b["x"]
     if len({tuple(s) for s in shapes}) > 1:
@@ -507,12 +527,20 @@ _add(OpDef("none", "position", "No positional encoding.", (), adds_nothing=True)
 # token dropping: the bound token shape is ``x``
 _add(OpDef("droptoken", "drop", "In training only, keep a random `1 - rate` fraction of the tokens (VATT's DropToken).",
            (T("rate", "float"),), train_only=True, module=lambda b: Runtime("embeddings.DropToken", (b["rate"], b["x"][1]))))
+_add(OpDef("dropmodality", "drop", "In training only, replace the whole stream of a random `rate` fraction of the examples by "
+           "one learned 'missing' token, repeated (modality dropout); the token count does not change.",
+           (T("rate", "float"),), shape=lambda b, loc: tuple(b["x"]), cost=lambda b: OpCost(b["x"][-1]), train_only=True,
+           module=lambda b: Runtime("embeddings.DropModality", (b["rate"], b["x"][-1]))))
 _add(OpDef("random_mask", "drop", "MAE masking: keep a random `1 - rate` fraction of tokens (always); records the mask for restore and losses.",
            (T("rate", "float"),), writes_mask=True, module=lambda b: Runtime("embeddings.RandomMask", (b["rate"], b["x"][1]))))
 # outputs: pooling, projections, heads
 _add(OpDef("mean", "pool", "Mean over tokens; several streams are pooled together as one sequence.", (T("x", "tensors"),),
            _pool_shape, function="heads.mean"))
 _add(OpDef("first", "pool", "The first token (a CLS or aggregation token).", (T("x", "tensors"),), _pool_shape, function="heads.first"))
+_add(OpDef("attnpool", "pool", "Attention pooling: `queries` learned query tokens attend to the tokens (several streams "
+           "as one sequence) with `heads` heads; one query gives [B, D], more give [B, queries, D] (CoCa, Zorro's port).",
+           (T("x", "tensors"), T("queries", "int", 1), T("heads", "int", 8)), _attnpool_shape, _attnpool_cost,
+           module=lambda b: Runtime("heads.AttentionPool", (b["x"][0][-1], b["queries"], b["heads"]))))
 _add(OpDef("avg", "pool", "Element-wise mean of tensors of one shape (e.g. averaging per-modality logits).", (T("x", "tensors"),),
            _avg_shape, function="heads.avg", evaluates="average"))
 _add(OpDef("tokens", "pool", "The tokens of a stream, dropping `skip` leading ones (e.g. CLS).", (T("x", "tensor"), T("skip", "int", 0)),

@@ -186,6 +186,22 @@ class DropToken(nn.Module):
         return keep_random(x, self.keep)[0]
 
 
+class DropModality(nn.Module):
+    """Modality dropout: in training, each example loses the whole stream with probability ``rate``;
+    its tokens are all replaced by one learned 'missing' token. Identity in evaluation."""
+
+    def __init__(self, rate: float, width: int):
+        super().__init__()
+        self.rate = rate
+        self.missing = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        dropped = torch.rand(x.shape[0], 1, 1, device=x.device) < self.rate
+        return torch.where(dropped, self.missing.to(x.dtype).expand_as(x), x)
+
+
 class RandomMask(nn.Module):
     """MAE masking: keep a random ``1 - rate`` fraction of tokens, in training and evaluation alike
     (a masked autoencoder always reconstructs); returns (kept, mask, ids_restore)."""

@@ -47,6 +47,22 @@ class BatchNorm(nn.Module):
         return self.bn(x.transpose(1, 2)).transpose(1, 2)
 
 
+class AttentionPool(nn.Module):
+    """Attention pooling: learned query tokens attend to the tokens of one or more streams (as one
+    sequence). One query returns [B, D]; several return [B, queries, D]."""
+
+    def __init__(self, width: int, queries: int, heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]
+        q = self.queries.to(x.dtype).expand(x.shape[0], -1, -1)
+        y = self.attention(q, x, x, need_weights=False)[0]
+        return y[:, 0] if y.shape[1] == 1 else y
+
+
 class MLP(nn.Module):
     """Linear layers with a norm and activation between them (and after the last, if ``final_norm``):
     e.g. ``[Linear - BN - ReLU - Linear - BN]`` for VATT/MMV's projection heads."""

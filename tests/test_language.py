@@ -108,3 +108,64 @@ def test_memory_read_without_cross_says_how_to_read_it(tmp_path):
 def test_causal_cross_is_refused(tmp_path):
     with pytest.raises(SpecError, match=r"both `\(causal\)` and `\(cross\)`"):
         spec(tmp_path, PERCEIVER_IO.replace("(cross)", "(causal, cross)"))
+
+
+MODALITY_DROPOUT = """avdsl: 1
+name: md
+inputs:
+  fbank[B, 32, 16]: fbank
+  frames[B, 3, 2, 16, 16]: video
+  label[B]: label(4)
+streams:
+  audio: {input: fbank, tokenizer: "patch2d(8, 8)", drop: dropmodality(0.5)}
+  video: {input: frames, tokenizer: "tubelet(2, 8, 8)"}
+encoders:
+  backbone:
+    streams: [audio, video]
+    width: 16
+    depth: 1
+    heads: 2
+    routing: ["audio, video <- audio, video"]
+outputs:
+  pooled: attnpool(backbone.audio, backbone.video, heads=2)
+  logits: linear(pooled, 4)
+losses:
+  classification: ce(logits, label)
+"""
+
+
+def test_modality_dropout_replaces_whole_examples_in_training_only(tmp_path):
+    analysis = spec(tmp_path, MODALITY_DROPOUT)
+    assert analysis.graph.tensors["audio/kept"].shape == ("B", 8, 16)  # no token count change
+    torch.manual_seed(0)
+    model = compile_graph(analysis.graph)
+    assert sum(p.numel() for p in model.parameters()) == analysis.cost.total_params
+    drop = next(m for m in model.modules() if type(m).__name__ == "DropModality")
+    x = torch.randn(64, 8, 16)
+    drop.train()
+    y = drop(x)
+    gone = (y == drop.missing).all(dim=-1).all(dim=-1)  # every token of the example is the missing token
+    kept = (y == x).all(dim=-1).all(dim=-1)
+    assert (gone | kept).all() and 10 < int(gone.sum()) < 54
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    drop.train()
+    drop(x).sum().backward()  # the missing token learns from the examples it stands in for
+    assert drop.missing.grad.abs().sum() > 0
+
+
+def test_attention_pooling_with_learned_queries(tmp_path):
+    analysis = spec(tmp_path, MODALITY_DROPOUT)
+    assert analysis.graph.tensors["out.pooled"].shape == ("B", 16)
+    d = 16
+    assert analysis.cost.params["out.pooled"] == d + 4 * d * d + 4 * d
+    more = spec(tmp_path, MODALITY_DROPOUT.replace("attnpool(backbone.audio, backbone.video, heads=2)",
+                                                   "attnpool(backbone.audio, backbone.video, queries=3, heads=2)")
+                .replace("linear(pooled, 4)", "linear(mean(backbone.audio), 4)"))
+    assert more.graph.tensors["out.pooled"].shape == ("B", 3, 16)
+    model = compile_graph(analysis.graph).eval()
+    with torch.no_grad():
+        out = model(**random_batch(model.inputs, 2))["outputs"]
+    assert out["pooled"].shape == (2, 16)
+    with pytest.raises(SpecError, match="3 heads do not divide the width 16"):
+        spec(tmp_path, MODALITY_DROPOUT.replace("heads=2)", "heads=3)"))

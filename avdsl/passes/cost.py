@@ -161,7 +161,8 @@ RULES = {
     "position": _position,
     "typeembed": lambda node, graph, cost: ops.OpCost(graph.tensors[node.inputs[0]].shape[2]),
     "latent": lambda node, graph, cost: ops.OpCost(node.count * graph.tensors[node.outputs[0]].shape[2]),
-    "drop": lambda node, graph, cost: ops.OpCost(),
+    "drop": lambda node, graph, cost: (ops.OPS[node.op].cost(ops.bound_for(ops.OPS[node.op], {"x": graph.tensors[node.inputs[0]].shape}))
+                                       if ops.OPS[node.op].cost else ops.OpCost()),
     # the mask token (counted once when shared)
     "restore": lambda node, graph, cost: ops.OpCost(0 if node.share else graph.tensors[node.outputs[0]].shape[2]),
     "from": _from,

@@ -121,6 +121,8 @@ def _latent(node: LatentNode, p: _Pass) -> TensorInfo:
 
 def _drop(node: DropNode, p: _Pass) -> TensorInfo:
     op, x = ops.OPS[node.op], p.info(node.inputs[0])
+    if op.shape:  # a drop that keeps every token (modality dropout)
+        return TensorInfo(op.shape(ops.bound_for(op, {"rate": node.rate, "x": x.shape}), node.loc), grid=x.grid)
     n = x.shape[1]
     keep = int(n * (1 - node.rate)) if isinstance(n, int) else n
     if isinstance(keep, int) and keep < 1:
