@@ -52,7 +52,7 @@ def report(error: SpecError, sources: dict | None = None) -> None:
 def _register() -> None:
     from .commands import build, schema  # noqa: F401  (each module adds its command to `app`)
 
-    for name in ("train", "lint", "diff", "pictures", "bench"):
+    for name in ("train", "lint", "diff", "pictures", "bench", "sweep"):
         try:
             __import__(f"avdsl.commands.{name}")
         except ModuleNotFoundError as e:
