@@ -15,7 +15,12 @@ from .sweep import Plan
 
 # the metric a sweep is judged by, when none is named: the first of these kinds that the runs report
 _HEADLINE_ORDER = (" mAP", " accuracy", "R@1", "reconstruction", "captioning", "loss")
-LOWER_IS_BETTER = ("loss", "reconstruction", "captioning", "rank")
+PENDING = ("not run", "not finished")  # a run's "error" when it has simply not finished yet
+
+
+def failures(pts: list["Point"]) -> list[str]:
+    """The errors of runs that failed (not those that have not finished yet)."""
+    return [r["error"] for p in pts for r in p.runs if "error" in r and r["error"] not in PENDING]
 
 
 @dataclass
@@ -94,9 +99,11 @@ def table(plan: Plan, pts: list[Point], main: str | None) -> Table:
     for m in metrics:
         t.add_column(m + (" *" if m == main else ""), justify="right")
     for p in pts:
-        errors = [r["error"] for r in p.runs if "error" in r]
+        pending = sum(r.get("error") in PENDING for r in p.runs)
+        failed = sum("error" in r for r in p.runs) - pending
         row = [v for _, v in p.assignment]
-        row += [str(len(p.runs) - len(errors)) + (f" ({len(errors)} failed)" if errors else ""),
+        row += [str(len(p.runs) - failed - pending) + (f" ({failed} failed)" if failed else "")
+                + (f" ({pending} unfinished)" if pending else ""),
                 f"{p.params:,}", f"{p.flops / 1e9:.3f}"]
         row += [_fmt(*p.stats(m)) for m in metrics]
         t.add_row(*row)

@@ -308,9 +308,13 @@ def sweep_command(
         out.print(sweep_report.table(plan, pts, main))
         out.print(f"results: {root / 'sweep.csv'}, {root / 'sweep.json'}" + (f", {root / 'sweep.png'}" if plan.axes else ""),
                   highlight=False)
+    for p in pts:
+        for r in p.runs:
+            if r.get("error") and r["error"] not in sweep_report.PENDING:
+                err.print(f"[bold red]failed[/]: {r['name']}: {r['error']}", highlight=False)
     if interrupted:
         err.print("interrupted: run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
-    if any("error" in r for p in pts for r in p.runs):
+    if sweep_report.failures(pts):
         raise typer.Exit(EXIT_FINDINGS)
 

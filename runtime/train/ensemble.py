@@ -5,10 +5,10 @@ own: initial weights (their seed), learning rate, weight decay, warmup, minimum 
 member keeps its own ``nn.Module`` (its parameters are the leaves), its own AdamW, scheduler, data
 order (its seed), run directory, metrics log, checkpoints and summary, in the same format as
 ``train`` writes, so ``avdsl eval``/``export``/``train --resume`` read them like any run. Per step the
-members' parameters and buffers are stacked (``torch.func.stack_module_state``, which stacks
-detached copies, is what this does with the autograd link kept), their batches stacked, and one
+members' parameters and buffers are stacked (as ``torch.func.stack_module_state`` does, but with
+the autograd link to each member's own parameters kept), their batches stacked, and one
 ``vmap(functional_call)`` runs the forward of all of them; one backward fills every member's
-gradients, and each member clips and steps on its own.
+gradients, and each member clips and steps on its own (`Vectorized` is that forward).
 
 What matches a lone run (``train``) step for step: members without random operations (no dropout,
 DropToken or random masking), fp32: the same losses and weights within float rounding of the
@@ -80,28 +80,37 @@ def check_members(members: list[Member]) -> None:
         raise ValueError("ensemble members need one run directory each")
 
 
-class _Stacked:
-    """The members' parameters and buffers as stacked tensors for ``functional_call`` under ``vmap``."""
+class Vectorized:
+    """The members' forward passes as one: ``vmap(functional_call)`` over their stacked parameters,
+    buffers and batches. Call it with a batch whose tensors are stacked along a new first dim (one
+    slice per member); it returns the members' total losses [N] and loss terms {name: [N]}.
+    Parameters are stacked with autograd, so one backward fills every member's own gradients;
+    running statistics updated in the pass (BatchNorm) are copied back into each member."""
 
-    def __init__(self, models: list[torch.nn.Module]):
-        self.models = models
+    def __init__(self, models: list[torch.nn.Module], randomness: str = "different"):
+        self.base = models[0]
         self.param_names = [n for n, _ in models[0].named_parameters()]
         self.buffer_names = [n for n, _ in models[0].named_buffers()]
         self.params = [dict(m.named_parameters()) for m in models]
         self.buffers = [dict(m.named_buffers()) for m in models]
+        self.vectorized = vmap(self._member, randomness=randomness)
 
-    def stack(self) -> tuple[dict, dict]:
-        """Parameters stacked with autograd (gradients reach each member's own leaves), buffers as copies."""
+    def _member(self, params: dict, buffers: dict, batch: dict):
+        result = functional_call(self.base, (params, buffers), args=(), kwargs=batch)
+        return result["loss"], result["losses"]
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict]:
         params = {n: torch.stack([p[n] for p in self.params]) for n in self.param_names}
         buffers = {n: torch.stack([b[n] for b in self.buffers]) for n in self.buffer_names}
-        return params, buffers
-
-    @torch.no_grad()
-    def write_back(self, buffers: dict) -> None:
-        """Running statistics updated inside the vectorized step (BatchNorm) go back to each member."""
-        for n, stacked in buffers.items():
-            for i, b in enumerate(self.buffers):
-                b[n].copy_(stacked[i])
+        with warnings.catch_warnings():
+            # vmap runs CPU flash attention member by member (no batching rule yet) and says so each step
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            loss, terms = self.vectorized(params, buffers, batch)
+        with torch.no_grad():
+            for n, stacked in buffers.items():
+                for i, b in enumerate(self.buffers):
+                    b[n].copy_(stacked[i])
+        return loss, terms
 
 
 def train_ensemble(
@@ -163,20 +172,7 @@ def train_ensemble(
             log.write("eval", 0, b)
     loaders = [iter(make_step_loader(m.train_set, m.config.batch_size, m.config.seed, start_step, m.config.steps,
                                      0, 1, m.config.workers, collate_fn)) for m in members]
-    stacked = _Stacked(models)
-    base = models[0]
-
-    def member_losses(params, buffers, batch):
-        result = functional_call(base, (params, buffers), args=(), kwargs=batch)
-        return result["loss"], result["losses"]
-
-    vectorized = vmap(member_losses, randomness=randomness)
-
-    def forward(params, buffers, batch):
-        with warnings.catch_warnings():
-            # vmap runs CPU flash attention member by member (no batching rule yet) and says so each step
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-            return vectorized(params, buffers, batch)
+    forward = Vectorized(models, randomness)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if first.precision == "bf16" else contextlib.nullcontext()
 
     failed: dict[int, NonFiniteLoss] = {}
@@ -203,13 +199,11 @@ def train_ensemble(
                     raise ValueError("an item failed to load: ensemble members need complete batches "
                                      "(train such data with lone runs)")
                 batch = {k: torch.stack([b[k] for b, _ in batches]).to(device) for k in batches[0][0]}
-                params, buffers = stacked.stack()
                 with autocast:
-                    loss, terms = forward(params, buffers, batch)
+                    loss, terms = forward(batch)
                 names = list(terms)
                 table = torch.stack([loss.detach().float()] + [terms[k].detach().float() for k in names], dim=1).tolist()
                 loss.sum().backward()
-                stacked.write_back(buffers)
                 for i, row in enumerate(table):
                     if i in failed:
                         continue
