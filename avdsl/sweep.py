@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -27,10 +27,6 @@ GRID = "<--grid>"
 MAX_VARIANTS = 256  # runs (variants x seeds) one sweep may ask for
 MAX_SEEDS = 64
 MAX_VALUES = 64  # values of one grid key
-# training settings that members of one vectorized ensemble may differ in (each has its own optimizer)
-MEMBER_SETTINGS = ("seed", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip")
-# settings a sweep fixes per run, so they never decide the grouping
-PER_RUN = ("run_dir", "resume")
 
 
 @dataclass(frozen=True)
@@ -232,19 +228,13 @@ def plan_sweep(spec: str, axes: list[Axis], seeds: int, overrides: list[str] = (
     return plan
 
 
-def group_key(model_data: dict, settings: dict) -> str:
+def group_key(model_data: dict, settings: dict, member_settings: tuple[str, ...]) -> str:
     """Runs share a group when their specs agree outside `train:` (the same model) and their
-    settings agree except those an ensemble member holds on its own."""
+    settings agree except ``member_settings``, those an ensemble member holds on its own."""
     model = {k: v for k, v in model_data.items() if k not in ("train", "name", "doc")}
-    shared = {k: v for k, v in sorted(settings.items()) if k not in MEMBER_SETTINGS + PER_RUN}
+    shared = {k: v for k, v in sorted(settings.items()) if k not in member_settings}
     text = json.dumps([model, shared], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def with_groups(plan: Plan, settings_of) -> Plan:
-    """Set each variant's group from ``settings_of(variant) -> dict`` (the resolved training settings)."""
-    plan.variants = [replace(v, group=group_key(v.analysis.doc.data, settings_of(v))) for v in plan.variants]
-    return plan
 
 
 def diagnostic_sources(items: list[str]) -> dict:
@@ -252,5 +242,5 @@ def diagnostic_sources(items: list[str]) -> dict:
     return {GRID: "\n".join(items)}
 
 
-__all__ = ["Axis", "GRID", "MEMBER_SETTINGS", "Plan", "Variant", "diagnostic_sources", "group_key",
-           "parse_grid", "plan_sweep", "run_name", "with_groups"]
+__all__ = ["Axis", "GRID", "Plan", "Variant", "diagnostic_sources", "group_key",
+           "parse_grid", "plan_sweep", "run_name"]

@@ -25,7 +25,7 @@ from ..api import analyse_doc
 from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_INTERRUPTED, app, err, out, report
 from ..diagnostics import Loc, SpecError, did_you_mean
 from ..loader import load_file
-from ..sweep import Variant, diagnostic_sources, parse_grid, plan_sweep, with_groups
+from ..sweep import Variant, diagnostic_sources, group_key, parse_grid, plan_sweep
 from .train import TRAIN_DEFAULTS, _config, _datasets
 
 MAX_JOBS = 32
@@ -263,18 +263,18 @@ def sweep_command(
         plan = plan_sweep(spec, parse_grid(items), seeds, set_ or [])
         if not 1 <= jobs <= MAX_JOBS:
             raise SpecError(Loc("<options>"), f"--jobs {jobs}: expected 1 to {MAX_JOBS}", "e.g. `--jobs 2`")
+        from ..runtime.train.ensemble import MEMBER_SETTINGS  # after the checks: this imports torch
+
         root = Path(run_dir or Path("runs") / f"sweep-{plan.variants[0].analysis.spec.name.replace('/', '-')}")
         runs = []
         for v in plan.variants:
             sizes = {k: (train_size if k == "train_size" else val_size) or v.train.get(k, d) for k, d in TRAIN_DEFAULTS.items()}
             options = {"steps": steps, "batch_size": batch_size, "compile": compile_, "eval_every": eval_every, "device": device,
                        "seed": v.seed, "run_dir": str(root / v.name), "resume": True}
-            runs.append(Run(v, _config(v.train, options).to_dict(), sizes))
-        settings = {r.variant.name: {**r.config, **r.sizes, "data": data} for r in runs}
-        plan = with_groups(plan, lambda v: settings[v.name])
-        runs = [Run(v, r.config, r.sizes) for v, r in zip(plan.variants, runs)]
-        for r in runs:
-            _status(r)
+            config = _config(v.train, options).to_dict()
+            v.group = group_key(v.analysis.doc.data, {**config, **sizes, "data": data}, MEMBER_SETTINGS + ("resume",))
+            runs.append(Run(v, config, sizes))
+            _status(runs[-1])
     except SpecError as e:
         report(e, diagnostic_sources(items))
         raise typer.Exit(EXIT_BAD_SPEC)

@@ -40,7 +40,8 @@ from .report import MetricsLog, RunSummary, write_curves, write_summary
 from .sampling import make_step_loader
 from .schedule import make_scheduler
 
-# settings in which members may differ (each has its own optimizer and data order)
+# settings in which members may differ (each has its own optimizer and data order); `avdsl sweep`
+# groups runs that agree in everything else
 MEMBER_SETTINGS = ("seed", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "run_dir")
 
 
