@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import sweep_report
 from ..api import analyse_doc
-from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_INTERRUPTED, app, err, out, report
-from ..diagnostics import Loc, SpecError, did_you_mean
+from ..diagnostics import SpecError, did_you_mean
 from ..loader import load_file
 from ..sweep import Variant, diagnostic_sources, group_key, parse_grid, plan_sweep
+from .common import EXIT_FINDINGS, EXIT_INTERRUPTED, SPEC_HELP, CommandError, complete_spec, err, out
 from .train import TRAIN_DEFAULTS, _config, _datasets
 
 MAX_JOBS = 32
@@ -58,8 +58,8 @@ def _status(run: Run) -> None:
     meta = read_meta(latest)
     expected = run.variant.analysis.doc.hash()
     if meta.get("spec_hash") != expected:
-        raise SpecError(Loc(str(folder)), f"this run directory holds a run of another spec (hash {meta.get('spec_hash')}, "
-                        f"this variant is {expected})", "pass another --run-dir, or remove the old run")
+        raise CommandError(f"{folder} holds a run of another spec (hash {meta.get('spec_hash')}, this variant's is {expected})",
+                           "pass another --run-dir, or remove the old run")
     run.start = int(meta.get("step", 0))
     summary = folder / "summary.json"
     if summary.is_file():
@@ -226,9 +226,8 @@ def _finals(runs: list[Run], results: dict) -> dict:
     return finals
 
 
-@app.command("sweep")
 def sweep_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name, e.g. `tiny/mbt`."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     grid: Optional[List[str]] = typer.Option(None, "--grid", help="KEY=V1,V2,...: a spec key (as for --set) and its values (repeatable; the sweep is their product)."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per variant (the spec's seed, +1, ...)."),
     jobs: int = typer.Option(1, "--jobs", help="Processes training units of the sweep at once."),
@@ -259,25 +258,24 @@ def sweep_command(
       avdsl sweep tiny/mbt --grid encoders.mbt.depth=1,2 --grid vars.fusion_layer=0,1 --jobs 2
     """
     items = grid or []
+    if not 1 <= jobs <= MAX_JOBS:
+        raise CommandError(f"--jobs {jobs}: expected 1 to {MAX_JOBS}", "e.g. `--jobs 2`")
     try:
         plan = plan_sweep(spec, parse_grid(items), seeds, set_ or [])
-        if not 1 <= jobs <= MAX_JOBS:
-            raise SpecError(Loc("<options>"), f"--jobs {jobs}: expected 1 to {MAX_JOBS}", "e.g. `--jobs 2`")
-        from ..runtime.train.ensemble import MEMBER_SETTINGS  # after the checks: this imports torch
-
-        root = Path(run_dir or Path("runs") / f"sweep-{plan.variants[0].analysis.spec.name.replace('/', '-')}")
-        runs = []
-        for v in plan.variants:
-            sizes = {k: (train_size if k == "train_size" else val_size) or v.train.get(k, d) for k, d in TRAIN_DEFAULTS.items()}
-            options = {"steps": steps, "batch_size": batch_size, "compile": compile_, "eval_every": eval_every, "device": device,
-                       "seed": v.seed, "run_dir": str(root / v.name), "resume": True}
-            config = _config(v.train, options).to_dict()
-            v.group = group_key(v.analysis.doc.data, {**config, **sizes, "data": data}, MEMBER_SETTINGS + ("resume",))
-            runs.append(Run(v, config, sizes))
-            _status(runs[-1])
     except SpecError as e:
-        report(e, diagnostic_sources(items))
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise e.with_sources(diagnostic_sources(items)) from None  # shows the --grid argument under the caret
+    from ..runtime.train.ensemble import MEMBER_SETTINGS  # after the checks: this imports torch
+
+    root = Path(run_dir or Path("runs") / f"sweep-{plan.variants[0].analysis.spec.name.replace('/', '-')}")
+    runs = []
+    for v in plan.variants:
+        sizes = {k: (train_size if k == "train_size" else val_size) or v.train.get(k, d) for k, d in TRAIN_DEFAULTS.items()}
+        options = {"steps": steps, "batch_size": batch_size, "compile": compile_, "eval_every": eval_every, "device": device,
+                   "seed": v.seed, "run_dir": str(root / v.name), "resume": True}
+        config = _config(v.train, options).to_dict()
+        v.group = group_key(v.analysis.doc.data, {**config, **sizes, "data": data}, MEMBER_SETTINGS + ("resume",))
+        runs.append(Run(v, config, sizes))
+        _status(runs[-1])
 
     units = _units(runs, ensemble, data)
     shown = err if as_json else out
@@ -293,9 +291,7 @@ def sweep_command(
     pts = sweep_report.points(plan, _finals(runs, results))
     names = sweep_report.metric_names(pts)
     if metric is not None and names and metric not in names:
-        err.print(f"[bold red]error[/]: --metric '{metric}' is not a metric of these runs")
-        err.print("hint: " + did_you_mean(metric, names, "a metric"), highlight=False, markup=False)
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(f"--metric '{metric}' is not a metric of these runs", did_you_mean(metric, names, "a metric"))
     main = metric or sweep_report.headline(names)
     root.mkdir(parents=True, exist_ok=True)
     sweep_report.write_csv(root / "sweep.csv", plan, pts)
