@@ -11,6 +11,7 @@ which the runtime trains together (`avdsl.runtime.train.ensemble`); the others t
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -51,7 +52,6 @@ class Variant:
 
     assignment: tuple  # ((key, value text), ...) in grid order
     seed: int
-    overrides: list[str]
     analysis: Analysis
     train: dict  # the spec's `train:` mapping after overrides
     group: str = ""  # runs with the same group key can train as one vectorized ensemble
@@ -207,15 +207,14 @@ def plan_sweep(spec: str, axes: list[Axis], seeds: int, overrides: list[str] = (
     if runs > MAX_VARIANTS:
         raise SpecError(Loc(GRID, 1, 1), f"the sweep asks for {runs} runs, more than {MAX_VARIANTS}",
                         "sweep fewer values or seeds, or split the sweep")
-    base = load_file(spec, list(overrides))  # the spec itself and the shared --set values first
+    base = load_file(spec, list(overrides))  # read once (it may be standard input); shared --set values first
     for axis in axes:
         _check_key(base, axis)
     plan = Plan(spec, axes)
     for combo in itertools.product(*(axis.texts for axis in axes)):
         assignment = tuple(zip((a.key for a in axes), combo))
-        variant_overrides = list(overrides) + [f"{k}={v}" for k, v in assignment]
         try:
-            doc = load_file(spec, list(overrides))
+            doc = copy.deepcopy(base)
             for axis, text in zip(axes, combo):
                 _apply_axis(doc, axis, text)
             analysis = analyse_doc(doc)
@@ -224,7 +223,7 @@ def plan_sweep(spec: str, axes: list[Axis], seeds: int, overrides: list[str] = (
         first_seed = int(analysis.spec.train.get("seed", 0))
         for i in range(seeds):
             train = dict(analysis.spec.train, seed=first_seed + i)
-            plan.variants.append(Variant(assignment, first_seed + i, variant_overrides, analysis, train))
+            plan.variants.append(Variant(assignment, first_seed + i, analysis, train))
     return plan
 
 

@@ -90,7 +90,8 @@ def table(plan: Plan, pts: list[Point], main: str | None) -> Table:
     metrics = shown_metrics(metric_names(pts))
     if main in metrics:
         metrics = [main] + [m for m in metrics if m != main]
-    t = Table(title=f"sweep of {plan.spec}: held-out metrics, mean ± std over seeds")
+    shown = plan.spec if plan.spec != "-" else plan.variants[0].analysis.spec.name
+    t = Table(title=f"sweep of {shown}: held-out metrics, mean ± std over seeds")
     for a in plan.axes:
         t.add_column(a.label)
     t.add_column("seeds", justify="right")

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import sweep_report
 from ..api import analyse_doc
 from ..diagnostics import SpecError, did_you_mean
-from ..loader import load_file
+from ..loader import load_text
 from ..sweep import Variant, diagnostic_sources, group_key, parse_grid, plan_sweep
 from .common import EXIT_FINDINGS, EXIT_INTERRUPTED, SPEC_HELP, CommandError, complete_spec, err, out
 from .train import TRAIN_DEFAULTS, _config, _datasets
@@ -44,7 +44,8 @@ class Run:
     @property
     def payload(self) -> dict:
         """What a (possibly other) process needs to build and train this run."""
-        return {"name": self.variant.name, "overrides": self.variant.overrides, "config": self.config, "sizes": self.sizes}
+        doc = self.variant.analysis.doc
+        return {"name": self.variant.name, "text": doc.resolved_text(), "file": doc.file, "config": self.config, "sizes": self.sizes}
 
 
 def _status(run: Run) -> None:
@@ -93,7 +94,7 @@ class _Memo:
         return self.items[i]
 
 
-def _train_unit(spec: str, unit: list[dict], data: str, on_step, console: Console, cache: dict) -> list[dict]:
+def _train_unit(unit: list[dict], data: str, on_step, console: Console, cache: dict) -> list[dict]:
     """Build and train one unit (a lone run or an ensemble); each run's summary or error. ``cache``
     keeps data sets between units of one process: runs with the same seed read the same clips."""
     import torch
@@ -104,7 +105,7 @@ def _train_unit(spec: str, unit: list[dict], data: str, on_step, console: Consol
 
     members = []
     for r in unit:
-        analysis = analyse_doc(load_file(spec, r["overrides"]))
+        analysis = analyse_doc(load_text(r["text"], r["file"]))  # the variant as validated (same text, same hash)
         config = TrainConfig.from_dict(r["config"])
         torch.manual_seed(config.seed)
         model = compile_graph(analysis.graph)
@@ -125,12 +126,12 @@ def _train_unit(spec: str, unit: list[dict], data: str, on_step, console: Consol
             for r, res in zip(unit, results)]
 
 
-def _worker(spec: str, unit: list[dict], data: str, threads: int, updates, index: int) -> list[dict]:
+def _worker(unit: list[dict], data: str, threads: int, updates, index: int) -> list[dict]:
     """A unit in a process of its own (`--jobs`): progress goes back through a queue."""
     import torch
 
     torch.set_num_threads(threads)
-    return _train_unit(spec, unit, data, lambda step, info: updates.put((index, step, info)), Console(quiet=True), {})
+    return _train_unit(unit, data, lambda step, info: updates.put((index, step, info)), Console(quiet=True), {})
 
 
 def _label(unit: list[Run]) -> str:
@@ -141,7 +142,7 @@ def _label(unit: list[Run]) -> str:
     return f"ensemble of {len(unit)}: {'; '.join(points)[:60]} (seeds {seeds[0]}..{seeds[-1]})"
 
 
-def _execute(spec: str, units: list[list[Run]], data: str, jobs: int) -> tuple[dict, bool]:
+def _execute(units: list[list[Run]], data: str, jobs: int) -> tuple[dict, bool]:
     """Train every unit with one live view; returns {run name: result} and whether it was interrupted."""
     results: dict[str, dict] = {}
     interrupted = False
@@ -171,7 +172,7 @@ def _execute(spec: str, units: list[list[Run]], data: str, jobs: int) -> tuple[d
         if jobs == 1:
             for index, unit in enumerate(units):
                 progress.update(tasks[index], visible=True)
-                finish(index, _train_unit(spec, [r.payload for r in unit], data,
+                finish(index, _train_unit([r.payload for r in unit], data,
                                           lambda s, i, index=index: update(index, s, i), progress.console, cache))
                 if interrupted:
                     break
@@ -181,7 +182,7 @@ def _execute(spec: str, units: list[list[Run]], data: str, jobs: int) -> tuple[d
         with context.Manager() as manager:
             updates = manager.Queue()
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = {pool.submit(_worker, spec, [r.payload for r in unit], data, threads, updates, index): index
+                futures = {pool.submit(_worker, [r.payload for r in unit], data, threads, updates, index): index
                            for index, unit in enumerate(units)}
                 pending = set(futures)
                 try:
@@ -286,7 +287,7 @@ def sweep_command(
         start = f", resuming at step {unit[0].start}" if unit[0].start else ""
         kind = f"ensemble of {len(unit)}" if len(unit) > 1 else "lone run"
         shown.print(f"  {kind}: {', '.join(r.variant.name for r in unit)}{start}", highlight=False)
-    results, interrupted = _execute(spec, units, data, jobs) if units else ({}, False)
+    results, interrupted = _execute(units, data, jobs) if units else ({}, False)
 
     pts = sweep_report.points(plan, _finals(runs, results))
     names = sweep_report.metric_names(pts)
