@@ -2,6 +2,8 @@
 and shown to catch a model that lets information through where the routing forbids it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from avdsl import compiler
@@ -75,3 +77,10 @@ def test_a_path_the_routing_allows_but_the_model_lacks_is_caught(monkeypatch):
             False)
     found = {(m.target, m.source, m.static, m.measured) for m in verify(analyse("tiny/zorro")).mismatches}
     assert ("output:fusion_out", "input:fbank", True, False) in found
+
+
+def test_lint_verify_from_the_command_line(run_cli):
+    code, out, err = run_cli("lint", "tiny/mbt", "--verify", "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)
+    assert result["verify"]["checked"] >= 6 and result["verify"]["mismatches"] == []
