@@ -200,7 +200,7 @@ def _check_key(doc, axis: Axis) -> None:
 def plan_sweep(spec: str, axes: list[Axis], seeds: int, overrides: list[str] = ()) -> Plan:
     """Load, validate and cost every variant (raises the first variant's `SpecError`)."""
     if not 1 <= seeds <= MAX_SEEDS:
-        raise SpecError(Loc("<options>"), f"--seeds {seeds}: expected 1 to {MAX_SEEDS}", "e.g. `--seeds 4`")
+        raise ValueError(f"seeds must be 1 to {MAX_SEEDS}, got {seeds}")  # the command checks its option first
     runs = seeds
     for axis in axes:
         runs *= len(axis.values)

@@ -45,6 +45,15 @@ def test_second_grid_is_located_on_its_own_line_and_variant_is_named(run_cli, tm
     assert "in the sweep variant vars.fusion_layer=0, train.lr=[1, 2]" in err
 
 
+def test_sweep_options_are_bounded_before_anything_runs(run_cli, tmp_path):
+    code, _, err = run_cli("sweep", "tiny/mbt", "--seeds", "0", "--run-dir", str(tmp_path / "s"))
+    assert code == 2 and "--seeds 0: expected 1 to 64" in err
+    code, _, err = run_cli("sweep", "tiny/mbt", "--grid", "train.lr=" + ",".join(f"{i}.0" for i in range(1, 65)),
+                           "--seeds", "8", "--run-dir", str(tmp_path / "s"))
+    assert code == 2 and "the sweep asks for 512 runs, more than 256" in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_grid_values_and_variants():
     axes = parse_grid(["vars.fusion_layer=0,1", "train.lr=1e-3,'a,b',[1, 2]"])
     assert axes[0].values == (0, 1)

@@ -24,7 +24,7 @@ from .. import sweep_report
 from ..api import analyse_doc
 from ..diagnostics import SpecError, did_you_mean
 from ..loader import load_text
-from ..sweep import Variant, diagnostic_sources, group_key, parse_grid, plan_sweep
+from ..sweep import MAX_SEEDS, Variant, diagnostic_sources, group_key, parse_grid, plan_sweep
 from .common import EXIT_FINDINGS, EXIT_INTERRUPTED, SPEC_HELP, CommandError, complete_spec, err, out
 from .train import TRAIN_DEFAULTS, _config, _datasets
 
@@ -261,6 +261,8 @@ def sweep_command(
     items = grid or []
     if not 1 <= jobs <= MAX_JOBS:
         raise CommandError(f"--jobs {jobs}: expected 1 to {MAX_JOBS}", "e.g. `--jobs 2`")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise CommandError(f"--seeds {seeds}: expected 1 to {MAX_SEEDS}", "e.g. `--seeds 4`")
     try:
         plan = plan_sweep(spec, parse_grid(items), seeds, set_ or [])
     except SpecError as e:
