@@ -7,9 +7,8 @@ import json
 import pytest
 
 from avdsl import compiler
-from avdsl.api import analyse, analyse_text
+from avdsl.api import analyse, analyse_text, verify_flow as verify
 from avdsl.loader import builtin_names, builtin_specs_dir
-from avdsl.lint.verify import verify
 
 # paper specs at CPU size: each root paper spec is its tiny variant (`tiny/NAME` extends NAME and only
 # shrinks sizes); a spec derived from one gets that tiny variant's sizes, plus the changes it needs
@@ -57,7 +56,7 @@ def _rewire(monkeypatch, change, first_layer_only: bool):
         encoder = original(node, graph)
         for layers in encoder.plans.values():
             for i in range(1 if first_layer_only else len(layers)):
-                layers[i] = tuple(change(*attend) for attend in layers[i])
+                layers[i] = tuple(change(attend) for attend in layers[i])
         return encoder
 
     monkeypatch.setattr(compiler, "build_encoder", built)
@@ -65,7 +64,7 @@ def _rewire(monkeypatch, change, first_layer_only: bool):
 
 def test_a_leak_the_routing_forbids_is_caught(monkeypatch):
     # Zorro: audio tokens must never see video; let layer 0 read video tokens too
-    _rewire(monkeypatch, lambda q, keys, *rest: (q, keys + ("video",) if q == "audio" else keys, *rest), True)
+    _rewire(monkeypatch, lambda a: a._replace(keys=a.keys + ("video",)) if a.query == "audio" else a, True)
     found = {(m.target, m.source, m.static, m.measured) for m in verify(analyse("tiny/zorro")).mismatches}
     assert ("output:audio_out", "input:frames", False, True) in found
     assert ("output:za", "stream:video", False, True) in found
@@ -73,7 +72,7 @@ def test_a_leak_the_routing_forbids_is_caught(monkeypatch):
 
 def test_a_path_the_routing_allows_but_the_model_lacks_is_caught(monkeypatch):
     # Zorro's fusion tokens read audio in every layer; let them read none
-    _rewire(monkeypatch, lambda q, keys, *rest: (q, tuple(k for k in keys if k != "audio") if q == "fusion" else keys, *rest),
+    _rewire(monkeypatch, lambda a: a._replace(keys=tuple(k for k in a.keys if k != "audio")) if a.query == "fusion" else a,
             False)
     found = {(m.target, m.source, m.static, m.measured) for m in verify(analyse("tiny/zorro")).mismatches}
     assert ("output:fusion_out", "input:fbank", True, False) in found

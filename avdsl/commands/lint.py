@@ -83,10 +83,9 @@ def lint_command(
 
 def _verify(target: str, overrides: list):
     """The numeric flow check of one spec (builds the model: torch is imported only here)."""
-    from ..api import analyse
-    from ..lint.verify import verify
+    from ..api import analyse, verify_flow
 
-    return verify(analyse(target, overrides))
+    return verify_flow(analyse(target, overrides))
 
 
 def _verify_json(check) -> dict:

@@ -5,16 +5,15 @@ on; the lint rules about leaks and dead streams trust it. Here the model is buil
 question is answered numerically (`avdsl.runtime.flowcheck`, torch.func vector-Jacobian products),
 and every disagreement is a finding: a dependence the analysis forbids but the model has (a bug in
 the planner or the runtime lets information through), or one the analysis allows but the model
-lacks. Only `verify` needs torch, and it imports the compiler and runtime when called.
+lacks. This module compares (no torch); `avdsl.api.verify_flow` builds the model and measures.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..api import Analysis
-from ..codegen import module_attr
+from ..codegen import attr_names
 from ..ir import Graph
-from .flow import Flow, analyse_flow
+from .flow import Flow, Source
 
 
 @dataclass(frozen=True)
@@ -42,11 +41,13 @@ class Verified:
 def stream_parameters(graph: Graph, parameter_names: list[str]) -> dict[str, list[str]]:
     """For each stream, the parameters of the modules only its own nodes run (tokenizer, positions,
     latent tokens, projections); a module that several streams share (``share:``) counts for none."""
+    attrs = attr_names(graph)
     users: dict[str, set[str]] = {}
     for node in graph.nodes():
         stream = getattr(node, "stream", None)
         if stream is not None:
-            users.setdefault(module_attr(node), set()).add(stream)
+            share = getattr(node, "share", None)  # runs the same step's module of the stream it shares (as codegen does)
+            users.setdefault(attrs[f"{share}/{node.id.split('/', 1)[1]}" if share else node.id], set()).add(stream)
     out: dict[str, list[str]] = {s: [] for s in graph.spec.streams}
     for attr, streams in users.items():
         if len(streams) == 1:
@@ -59,7 +60,7 @@ def expected(graph: Graph, flow: Flow, target: str, source: str) -> bool:
     """What the static analysis says about one (target, source) pair."""
     kind, name = target.split(":", 1)
     tensor = graph.outputs.get(name) if kind == "output" else graph.losses.get(name)
-    return source in flow.deps.get(tensor, frozenset())
+    return Source(*source.split(":", 1)) in flow.deps.get(tensor, frozenset())
 
 
 def compare(graph: Graph, flow: Flow, measured: dict[str, dict[str, bool]]) -> Verified:
@@ -70,22 +71,4 @@ def compare(graph: Graph, flow: Flow, measured: dict[str, dict[str, bool]]) -> V
             static = expected(graph, flow, target, source)
             if static != depends:
                 result.mismatches.append(Mismatch(target, source, static, depends))
-    return result
-
-
-def verify(analysis: Analysis, batch_size: int = 2, seed: int = 0) -> Verified:
-    """Build the model and compare its measured dependences with the analysis (imports torch)."""
-    import torch
-
-    from ..compiler import compile_graph
-    from ..runtime.flowcheck import dependence
-
-    graph = analysis.graph
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = compile_graph(graph)
-    names = [n for n, _ in model.named_parameters()]
-    own = stream_parameters(graph, names)
-    result = compare(graph, analyse_flow(graph), dependence(model, {s: p for s, p in own.items() if p}, batch_size, seed))
-    result.unmeasured = sorted(s for s, p in own.items() if not p)
     return result
