@@ -206,7 +206,8 @@ def train_ensemble(
                 table = torch.stack([loss.detach().float()] + [terms[k].detach().float() for k in names], dim=1).tolist()
                 loss.sum().backward()
                 for i, row in enumerate(table):
-                    if i in failed:
+                    if i in failed:  # stopped: computed along with the others, never updated again
+                        optimizers[i].zero_grad(set_to_none=True)
                         continue
                     values = dict(zip(["loss"] + [f"loss/{k}" for k in names], row))
                     bad = [k for k, v in zip(names, row[1:]) if not math.isfinite(v)] or (["loss"] if not math.isfinite(row[0]) else [])
