@@ -84,10 +84,6 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     return summary.to_dict()
 
 
-def _worker(spec, overrides, options, data, sizes):  # module level: started once per process by --nproc
-    _train_process(spec, overrides, options, data, sizes)
-
-
 @app.command("train")
 def train_command(
     spec: str = typer.Argument(..., help="A spec file or built-in name, e.g. `tiny/zorro`."),
@@ -106,7 +102,8 @@ def train_command(
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (DDP; gloo on CPU, nccl on GPU)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (gloo on CPU, nccl on GPU), started by torch's launcher."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="With several processes: ddp (each holds the model) or fsdp (parameters, gradients and optimizer state sharded)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Synthetic clips in the training split."),
     val_size: Optional[int] = typer.Option(None, "--val-size", help="Synthetic clips in the held-out split."),
 ) -> None:
@@ -123,10 +120,13 @@ def train_command(
 
       avdsl train tiny/zorro --run-dir runs/a --resume
 
-      avdsl train tiny/mbt --nproc 2
+      avdsl train tiny/mbt --nproc 2 --strategy fsdp
 
-    Several machines: `torchrun --nproc_per_node N -m avdsl train SPEC ...` (each process trains its shard).
+    Several machines: `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT
+    -m avdsl train SPEC ...` on each (each process trains its shard of every batch).
     """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from ..runtime.train import CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
 
     doc = load_file(spec, set_ or [])
@@ -135,16 +135,13 @@ def train_command(
     sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
     options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision, "compile": compile_,
                "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "workers": workers,
-               "device": device, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
+               "device": device, "strategy": strategy, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
                "run_dir": run_dir or _default_run_dir(analysis.spec.name, resume)}
+    _config(spec_train, options)  # a bad setting fails here, before any process starts
     out.print(f"training [bold]{analysis.spec.name}[/] ({doc.file}) -> {options['run_dir']}")
     try:
-        if nproc > 1:
-            launch(nproc, _worker, spec, set_ or [], options, data, sizes)
-            summary_path = Path(options["run_dir"]) / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        else:
-            summary = _train_process(spec, set_ or [], options, data, sizes)
+        # with --nproc N, torch's launcher runs _train_process once per process; rank 0's summary returns
+        summary = launch(nproc, _train_process, spec, set_ or [], options, data, sizes) or {}
     except NonFiniteLoss as e:
         err.print(f"[bold red]error[/]: {e}")
         err.print("hint: lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
@@ -160,6 +157,9 @@ def train_command(
         err.print(f"[bold red]error[/]: {e}")
         err.print("hint: pass --resume to continue that run, or another --run-dir")
         raise typer.Exit(EXIT_BAD_SPEC)
+    except ChildFailedError as e:  # --nproc: a process failed; the launcher names the rank and its error
+        err.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(EXIT_FINDINGS)
     if summary.get("interrupted"):
         raise typer.Exit(130)
 

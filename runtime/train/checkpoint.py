@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+
+from . import distributed
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "spec.yaml", "meta.json")
 LATEST_POINTER = "latest"
@@ -134,10 +136,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_files(
-    folder: Path, model: torch.nn.Module, state: dict, spec_text: str, meta: dict
+    folder: Path, model: torch.nn.Module, state: dict, spec_text: str, meta: dict,
+    model_state: dict | None = None,
 ) -> None:
     """Write the four checkpoint files into ``folder`` and fsync each of them."""
-    save_model(model, str(folder / "model.safetensors"))
+    if model_state is None:
+        save_model(model, str(folder / "model.safetensors"))
+    else:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
     torch.save(state, folder / "state.pt")
     _write_text(folder / "spec.yaml", spec_text)
     _write_text(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -167,6 +173,8 @@ def save_checkpoint(
     counters: dict | None = None,
     baseline: dict | None = None,
     keep: int | None = None,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoint ``run_dir/step-{step:06d}`` atomically and return its path.
 
@@ -174,6 +182,8 @@ def save_checkpoint(
     captured here. ``keep`` (if given) prunes all but the newest ``keep`` complete checkpoints.
     Raises :class:`CheckpointWriteError` when the disk is full (or any OS error hits the write); the
     partial temporary directory is removed and earlier checkpoints stay as they were.
+    ``model_state`` and ``optimizer_state`` (un-sharded, keyed by parameter name, see
+    ``distributed.full_state``) replace ``model``'s and ``optimizer``'s own when given (a sharded model).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +192,8 @@ def save_checkpoint(
     temp = run_dir / f"{_TEMP_PREFIX}{name}-{os.getpid()}"
     state = {
         "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state if optimizer_state is not None else (
+            optimizer.state_dict() if optimizer is not None else None),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": capture_rng_state(),
         "config": dict(config),
@@ -201,7 +212,7 @@ def save_checkpoint(
         if temp.exists():
             shutil.rmtree(temp)
         temp.mkdir()
-        _write_files(temp, model, state, spec_text, meta)
+        _write_files(temp, model, state, spec_text, meta, model_state)
         _fsync_dir(temp)
         if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
             stale = run_dir / f"{_TEMP_PREFIX}old-{name}-{os.getpid()}"
@@ -337,15 +348,28 @@ def load_checkpoint(
             "(without resume) to train the changed spec."
         )
     _check_shapes(path, model)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if distributed.is_sharded(model):
+        weights = load_file(str(path / "model.safetensors"))
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if not (missing or unexpected):
+            distributed.load_full_weights(model, weights)
+    else:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit the model; "
             f"missing from checkpoint: {sorted(missing)}; not in model: {sorted(unexpected)}"
         )
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    stored = state.get("optimizer")
+    if optimizer is not None and stored is not None:
+        if any(isinstance(key, str) for key in stored.get("state", {})) or any(
+            isinstance(p, str) for g in stored.get("param_groups", []) for p in g.get("params", [])
+        ):  # keyed by parameter name: written by a run of any number of processes
+            distributed.load_full_optimizer_state(model, optimizer, stored)
+        else:
+            optimizer.load_state_dict(stored)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return LoadedCheckpoint(

@@ -1,4 +1,4 @@
-"""The training loop: AdamW + warmup/cosine, clipping, bf16, checkpoints, evaluation, DDP.
+"""The training loop: AdamW + warmup/cosine, clipping, bf16, checkpoints, evaluation, DDP or FSDP.
 
 ``train`` takes a contract-following model (see ``avdsl.runtime.contracts``) and two data sets of
 per-item dicts (items may be None: an unreadable file, counted as skipped). It is resumable to the
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.nn.parallel import DistributedDataParallel
 
 from .. import compile_cache
 from . import distributed
@@ -158,6 +157,9 @@ def train(
     seed_everything(config.seed)
     model.to(device)
     model.train()
+    runner = distributed.wrap(model, config.strategy, info, device)  # before the optimizer: fsdp shards
+    sharded = distributed.is_sharded(model)
+    evaluates = main or sharded  # a sharded model's forward needs every process
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
 
@@ -180,15 +182,12 @@ def train(
     def run_eval() -> dict:
         return evaluate(model, val_set, config.eval_batches, config.batch_size, collate_fn, config.precision)
 
-    if not baseline and main:
+    if not baseline and evaluates:
         baseline = run_eval()
     distributed.barrier(info)
     if rng is not None:
         restore_rng_state(rng)
 
-    runner = model
-    if info.distributed:
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     cache_key = None
     if config.compile:
         # a rebuild of an unchanged spec loads what an earlier run compiled instead of compiling again
@@ -212,11 +211,13 @@ def train(
 
     def checkpoint(at_step: int, metrics: dict | None = None) -> Path | None:
         path = None
+        # a sharded model is gathered by every process (keyed by name: resumable with any count)
+        weights, optimizer_state = distributed.full_state(model, optimizer) if sharded else (None, None)
         if main:
             path = save_checkpoint(
                 run_dir, at_step, model, optimizer, scheduler, config.to_dict(), spec_text,
                 spec_hash, metrics=metrics, counters=counters, baseline=baseline,
-                keep=config.keep_checkpoints,
+                keep=config.keep_checkpoints, model_state=weights, optimizer_state=optimizer_state,
             )
         distributed.barrier(info)
         return path
@@ -252,7 +253,7 @@ def train(
                     runner_loss = result["loss"]
                     runner_loss.backward()
                     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                    grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                     if not math.isfinite(grad_norm):
                         bad = ["gradient norm"]
                         flags[3] = 1.0
@@ -298,7 +299,7 @@ def train(
                     log.write("train", step, record)
                     window_sums, window_steps, window_started = {}, 0, time.perf_counter()
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                    if main:
+                    if evaluates:
                         metrics = run_eval()
                         log.write("eval", step, metrics)
                     distributed.barrier(info)
@@ -308,7 +309,7 @@ def train(
                     interrupted = True
                     break
             loop_seconds = time.perf_counter() - loop_started
-            if not interrupted and main:
+            if not interrupted and evaluates:
                 metrics = run_eval()
                 log.write("eval", step, metrics)
             distributed.barrier(info)
