@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the minimum is reported)")
     parser.add_argument("--precision", default="fp32", help="compile-once: fp32 or bf16")
+    parser.add_argument("--scope", choices=["regional", "whole"], default="regional",
+                        help="compile, step: compile each distinct encoder layer once (regional) or the whole model")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="step: skip a configuration whose predicted step time exceeds this many seconds")
     args = parser.parse_args(argv)
@@ -29,17 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "step":
         from . import step
 
-        result = step.run(args.specs, args.batch, args.reps, args.budget)
+        result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope)
         text = step.render(result)
     elif args.what == "compile":
         from . import compile as compile_bench
 
-        result = compile_bench.run(args.specs, args.batch or 2, args.precision)
+        result = compile_bench.run(args.specs, args.batch or 2, args.precision, args.scope)
         text = compile_bench.render(result)
     else:  # one build + compile in this process (run by `compile` in a fresh subprocess)
         from . import compile as compile_bench
 
-        print(json.dumps(compile_bench.once(args.specs[0], args.batch or 2, args.precision)))
+        print(json.dumps(compile_bench.once(args.specs[0], args.batch or 2, args.precision, args.scope)))
         return 0
     print(json.dumps(result, indent=2) if args.json or text is None else text)
     return 0

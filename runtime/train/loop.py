@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .. import compile_cache
+from .. import compile_cache, regional
 from . import distributed
 from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
@@ -193,7 +193,8 @@ def train(
         # a rebuild of an unchanged spec loads what an earlier run compiled instead of compiling again
         cache_key = compile_cache.CacheKey(spec_hash, config.precision, config.batch_size, "train")
         compile_cache.load(cache_key)
-        runner = torch.compile(runner)
+        if not regional.compile_layers(model):  # each distinct encoder layer compiled once, reused
+            runner = torch.compile(runner)  # a model without encoder layers: the whole of it
 
     log = MetricsLog(run_dir, start_step, resumed=latest is not None, enabled=main)
     if main and latest is None:
