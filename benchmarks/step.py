@@ -23,11 +23,11 @@ from .timing import machine_peaks
 MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("compiled", "fp32"))
 
 
-def make_step(model, optimizer, batch: dict, precision: str):
+def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu"):
     """One optimisation step as a closure; returns the loss."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(**batch)["loss"]
         loss.backward()
         optimizer.step()
@@ -40,7 +40,7 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int, scope
     analysis = analyse(spec)
     torch.manual_seed(0)
     model = compile_graph(analysis.graph).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the training loop
     torch._dynamo.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
     runner = compile_model(model, scope) if mode == "compiled" else model
     step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)

@@ -160,7 +160,10 @@ def train(
     runner = distributed.wrap(model, config.strategy, info, device)  # before the optimizer: fsdp shards
     sharded = distributed.is_sharded(model)
     evaluates = main or sharded  # a sharded model's forward needs every process
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    # fused: one pass over each parameter instead of a dozen (on a CPU several times faster); the
+    # sharded DTensor parameters of fsdp take the default implementation
+    fused = not sharded and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=fused)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
 
     start_step, counters, baseline, rng = 0, {"skipped_files": 0, "skipped_steps": 0}, {}, None
@@ -168,6 +171,8 @@ def train(
     if latest is not None:
         loaded = load_checkpoint(latest, model, optimizer, scheduler, spec_hash=spec_hash)
         start_step, baseline, rng = loaded.step, dict(loaded.baseline), loaded.rng
+        for group in optimizer.param_groups:  # the stored groups carry the saving run's choice
+            group["fused"] = fused
         counters.update({k: int(v) for k, v in loaded.counters.items()})
         if main:
             console.print(f"resuming from {latest} (step {start_step})")
