@@ -17,6 +17,7 @@ from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
 from .step import make_step
+from .timing import cpu_features
 
 MATRIX_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -41,7 +42,7 @@ def run(spec: str, batch: int, precision: str, reps: int, top: int = 25) -> dict
     matrix = sum(r["self_ms"] for r in rows if r["matrix"])
     return {"spec": spec, "batch": batch, "precision": precision, "reps": reps,
             "step_ms": total / 1e3 / reps, "matrix_ms": matrix, "other_ms": total / 1e3 / reps - matrix,
-            "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "rows": rows[:top]}
+            "cpu": cpu_features(), "threads": torch.get_num_threads(), "rows": rows[:top]}
 
 
 def render(result: dict) -> str:

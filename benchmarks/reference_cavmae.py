@@ -171,7 +171,7 @@ def run(checkout: str, timm_dir: str | None, batch: int, reps: int, device: str 
 
 def render(result: dict) -> str:
     p = result["peaks"]
-    lines = [f"CPU capability: {p['cpu']} ({'AMX: bf16 matmuls native' if 'amx' in p['cpu'] else 'no AMX: bf16 may be emulated'}), "
+    lines = [f"CPU capability: {p['cpu']} ({'AMX: bf16 matmuls native' if 'amx' in p['cpu'] else 'no AMX: bf16 matmuls slow or emulated'}), "
              f"{result['threads']} threads; matmul peak fp32 {p['fp32_tflops']:.3f}, bf16 {p['bf16_tflops']:.3f} TFLOP/s",
              f"CAV-MAE paper size, batch {result['batch']}, training step (forward, backward, AdamW), "
              f"{result['step_flops'] / 1e12:.2f} TFLOP per step, best of {result['reps']}",

@@ -88,15 +88,15 @@ class Block(nn.Module):
         output projection over every query token."""
         queries = list(dict.fromkeys(a[0] for a in attends))
         keys = list(dict.fromkeys(k for a in attends for k in a[1]))
-        q, kv = _project_qkv(self, self.norm1[nk], x, queries, keys)
+        q, k, v = _project_qkv(self, self.norm1[nk], x, queries, keys)
         sizes = {s: x[s].shape[1] for s in queries + keys}
         groups: dict[tuple, list[str]] = {}
         for a in attends:
             groups.setdefault((a[1], a[3]), []).append(a[0])
         order, ys = [], []
         for (group_keys, causal), qs in groups.items():
-            k, v = _cat([kv[s] for s in group_keys]).chunk(2, dim=-1)
-            qh, kh, vh = _heads(_cat([q[s] for s in qs]), self.heads), _heads(k, self.heads), _heads(v, self.heads)
+            qh = _heads(_cat([q[s] for s in qs]), self.heads)
+            kh, vh = _heads(_cat([k[s] for s in group_keys]), self.heads), _heads(_cat([v[s] for s in group_keys]), self.heads)
             if causal and len(qs) == 1 and group_keys == (qs[0],):
                 y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
             elif causal:
@@ -144,25 +144,28 @@ def _over_streams(fn, x: dict, names: list) -> dict:
     return dict(zip(names, torch.split(y, [x[s].shape[1] for s in names], dim=1)))
 
 
-def _project_qkv(blk: "Block", norm: nn.Module, x: dict, queries: list, keys: list) -> tuple[dict, dict]:
-    """Queries {stream: [B, N, D]} and packed keys-values {stream: [B, N, 2D]}. Streams that are both
-    query and key (the usual case) share one fused QKV matmul; a key-only stream skips its Q and a
-    query-only stream its K and V, so the work matches what the cost pass counts."""
+def _project_qkv(blk: "Block", norm: nn.Module, x: dict, queries: list, keys: list) -> tuple[dict, dict, dict]:
+    """Queries, keys and values, each {stream: [B, N, D]}. Streams that are both query and key (the
+    usual case) share one fused QKV matmul whose output is split in three (its backward is one cat;
+    slicing would zero-fill and copy per slice); a key-only stream skips its Q and a query-only stream
+    its K and V, so the work matches what the cost pass counts."""
     d = blk.proj.in_features
     w, b = blk.qkv.weight, blk.qkv.bias
     both = [s for s in queries if s in keys]
     q: dict = {}
-    kv: dict = {}
+    k: dict = {}
+    v: dict = {}
     if both:
         for s, y in _over_streams(lambda t: blk.qkv(norm(t)), x, both).items():
-            q[s], kv[s] = y[..., :d], y[..., d:]
+            q[s], k[s], v[s] = y.split(d, dim=-1)
     q_only = [s for s in queries if s not in keys]
     if q_only:
         q.update(_over_streams(lambda t: F.linear(norm(t), w[:d], None if b is None else b[:d]), x, q_only))
     k_only = [s for s in keys if s not in queries]
     if k_only:
-        kv.update(_over_streams(lambda t: F.linear(norm(t), w[d:], None if b is None else b[d:]), x, k_only))
-    return q, kv
+        for s, y in _over_streams(lambda t: F.linear(norm(t), w[d:], None if b is None else b[d:]), x, k_only).items():
+            k[s], v[s] = y.split(d, dim=-1)
+    return q, k, v
 
 
 def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int], device) -> torch.Tensor:
