@@ -41,7 +41,7 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int, scope
     torch.manual_seed(0)
     model = compile_graph(analysis.graph).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the training loop
-    torch._dynamo.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
+    torch.compiler.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
     runner = compile_model(model, scope) if mode == "compiled" else model
     step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
     start = time.perf_counter()

@@ -7,15 +7,14 @@ from typing import List, Optional
 import typer
 
 from ..api import analyse
-from ..cli import EXIT_BAD_SPEC, app, err, out
+from .common import SPEC_HELP, CommandError, complete_spec, out
 from ..pictures import dataflow, draw_dataflow, draw_masks, mask_panels, masks_text, to_dot, to_mermaid
 
 GRAPH_FORMATS = (".svg", ".png", ".dot", ".mmd")
 
 
-@app.command("graph")
 def graph_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to FILE: .svg or .png (drawn), .dot or .mmd (text)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value (repeatable)."),
 ) -> None:
@@ -36,8 +35,7 @@ def graph_command(
         return
     suffix = output.suffix.lower()
     if suffix not in GRAPH_FORMATS:
-        err.print(f"error: cannot write '{output}': use one of {', '.join(GRAPH_FORMATS)}")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(f"cannot write '{output}': unknown picture format", f"use one of {', '.join(GRAPH_FORMATS)}")
     if suffix == ".dot":
         output.write_text(to_dot(flow, analysis.spec.name))
     elif suffix == ".mmd":
@@ -47,9 +45,8 @@ def graph_command(
     out.print(f"wrote {output}", highlight=False)
 
 
-@app.command("masks")
 def masks_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also draw the masks to FILE (.png or .svg)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value (repeatable)."),
 ) -> None:
@@ -68,7 +65,6 @@ def masks_command(
     print(masks_text(panels), end="")
     if output is not None:
         if output.suffix.lower() not in (".png", ".svg"):
-            err.print(f"error: cannot write '{output}': use .png or .svg")
-            raise typer.Exit(EXIT_BAD_SPEC)
+            raise CommandError(f"cannot write '{output}': unknown picture format", "use .png or .svg")
         draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
         out.print(f"wrote {output}", highlight=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,11 +15,23 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..api import analyse_doc
-from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, app, err, out
 from ..diagnostics import Loc, SpecError
+from .common import EXIT_BAD_SPEC, EXIT_FINDINGS, SPEC_HELP, CommandError, Precision, complete_spec, err, out
 from ..loader import load_file, load_text
 
+class Strategy(str, Enum):
+    """How several processes hold the model (`--strategy`)."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 TRAIN_DEFAULTS = {"train_size": 2048, "val_size": 256}
+
+
+class ExportFormat(str, Enum):
+    torch_export = "torch-export"
+    onnx = "onnx"
 
 
 def _datasets(model, data: str, train_size: int, val_size: int, seed: int, materialize: bool):
@@ -51,7 +64,7 @@ def _config(spec_train: dict, options: dict):
     try:
         return TrainConfig.from_dict(merged)
     except (TypeError, ValueError) as e:
-        raise SpecError(Loc("<options>"), f"invalid training setting: {e}", "see `avdsl train --help`") from None
+        raise CommandError(f"invalid training setting: {e}", "see `avdsl train --help`") from None
 
 
 def _default_run_dir(name: str, resume: bool) -> str:
@@ -61,11 +74,11 @@ def _default_run_dir(name: str, resume: bool) -> str:
         previous = sorted(base.glob(f"{safe}-*"))
         if previous:
             return str(previous[-1])
-        raise SpecError(Loc("<options>"), f"--resume: no earlier run of '{name}' under runs/", "pass --run-dir DIR of the run to continue")
+        raise CommandError(f"--resume: no earlier run of '{name}' under runs/", "pass --run-dir DIR of the run to continue")
     return str(base / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict) -> dict:
+def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict, log_to_stderr: bool = False) -> dict:
     """Build and train in this process (called directly, or once per rank by `--nproc`)."""
     import torch
 
@@ -80,19 +93,18 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     train_set, val_set = _datasets(model, data, sizes["train_size"], sizes["val_size"], config.seed,
                                    materialize=data == "synthetic" and config.workers == 0)
     summary = train(model, train_set, val_set, config, model.spec_text, model.spec_hash,
-                    console=out if info.is_main else None)
+                    console=(err if log_to_stderr else out) if info.is_main else None)
     return summary.to_dict()
 
 
-@app.command("train")
 def train_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name, e.g. `tiny/zorro`."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value (repeatable)."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` (embedded, generated) or a .csv/.jsonl manifest of media files."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the spec's `train.steps`)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-process batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
+    precision: Optional[Precision] = typer.Option(None, "--precision", help="Training precision (bf16: autocast; default: the spec's `train.precision`)."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where checkpoints, metrics.jsonl, curves.png and summary.json go."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of --run-dir (or of the newest run of this spec)."),
@@ -103,9 +115,10 @@ def train_command(
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
     nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (gloo on CPU, nccl on GPU), started by torch's launcher."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="With several processes: ddp (each holds the model) or fsdp (parameters, gradients and optimizer state sharded)."),
+    strategy: Optional[Strategy] = typer.Option(None, "--strategy", help="With several processes: ddp (each holds the model) or fsdp (parameters, gradients and optimizer state sharded)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="Synthetic clips in the training split."),
     val_size: Optional[int] = typer.Option(None, "--val-size", help="Synthetic clips in the held-out split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout (progress goes to stderr)."),
 ) -> None:
     """Train SPEC and print live progress, held-out metrics before and after, and a summary.
 
@@ -133,33 +146,29 @@ def train_command(
     analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts
     spec_train = analysis.spec.train
     sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
-    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision, "compile": compile_,
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision.value if precision else None, "compile": compile_,
                "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "workers": workers,
-               "device": device, "strategy": strategy, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
+               "device": device, "strategy": strategy.value if strategy else None, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
                "run_dir": run_dir or _default_run_dir(analysis.spec.name, resume)}
     _config(spec_train, options)  # a bad setting fails here, before any process starts
-    out.print(f"training [bold]{analysis.spec.name}[/] ({doc.file}) -> {options['run_dir']}")
+    (err if as_json else out).print(f"training [bold]{analysis.spec.name}[/] ({doc.file}) -> {options['run_dir']}")
     try:
         # with --nproc N, torch's launcher runs _train_process once per process; rank 0's summary returns
-        summary = launch(nproc, _train_process, spec, set_ or [], options, data, sizes) or {}
+        summary = launch(nproc, _train_process, spec, set_ or [], options, data, sizes, as_json) or {}
     except NonFiniteLoss as e:
-        err.print(f"[bold red]error[/]: {e}")
-        err.print("hint: lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
-                  "the last good checkpoint is kept (resume with --resume)")
-        raise typer.Exit(EXIT_FINDINGS)
+        raise CommandError(str(e), "lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
+                           "the last good checkpoint is kept (resume with --resume)", EXIT_FINDINGS) from None
     except CheckpointMismatch as e:
-        err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(str(e), "train it from scratch with another --run-dir", EXIT_BAD_SPEC) from None
     except CheckpointWriteError as e:
-        err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(EXIT_FINDINGS)
+        raise CommandError(str(e), "free disk space or pass another --run-dir; earlier checkpoints are intact",
+                           EXIT_FINDINGS) from None
     except FileExistsError as e:
-        err.print(f"[bold red]error[/]: {e}")
-        err.print("hint: pass --resume to continue that run, or another --run-dir")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(str(e), "pass --resume to continue that run, or another --run-dir") from None
     except ChildFailedError as e:  # --nproc: a process failed; the launcher names the rank and its error
-        err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(EXIT_FINDINGS)
+        raise CommandError(str(e), "the failing rank's error is shown above", EXIT_FINDINGS) from None
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
     if summary.get("interrupted"):
         raise typer.Exit(130)
 
@@ -184,7 +193,6 @@ def _load_run(checkpoint: str, set_: list):
     return analysis, model, path
 
 
-@app.command("eval")
 def eval_command(
     checkpoint: str = typer.Argument(..., help="A run directory (its newest checkpoint) or a step-* checkpoint folder."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` or a manifest; the held-out (val) split is used."),
@@ -213,10 +221,9 @@ def eval_command(
     out.print(table)
 
 
-@app.command("export")
 def export_command(
     checkpoint: str = typer.Argument(..., help="A run directory or a step-* checkpoint folder."),
-    format: str = typer.Option("torch-export", "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
+    format: ExportFormat = typer.Option(ExportFormat.torch_export, "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: model.pt2 / model.onnx in the checkpoint folder)."),
     batch: int = typer.Option(2, "--batch", help="Example batch size used for tracing."),
 ) -> None:
@@ -226,17 +233,14 @@ def export_command(
     from ..runtime.train import ExportError, export
     from ..runtime.trial import random_batch
 
-    if format not in ("torch-export", "onnx"):
-        raise SpecError(Loc("<options>"), f"--format {format!r} is not supported", "use torch-export or onnx")
     _, model, path = _load_run(checkpoint, [])
     model.eval()
     example = random_batch(model.inputs, batch)
-    target = Path(output) if output else path / ("model.pt2" if format == "torch-export" else "model.onnx")
+    target = Path(output) if output else path / ("model.pt2" if format == ExportFormat.torch_export else "model.onnx")
     try:
-        written = export(model, example, target, format)
+        written = export(model, example, target, format.value)
     except ExportError as e:
-        err.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(EXIT_FINDINGS)
+        raise CommandError(str(e), "see `avdsl export --help`", EXIT_FINDINGS) from None
     with torch.no_grad():
         _ = model(**example)
     out.print(f"wrote {written}")
