@@ -145,10 +145,10 @@ def wrap(model: torch.nn.Module, strategy: str, info: DistInfo, device: torch.de
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """True when the parameters are sharded DTensors (``fsdp``)."""
-    from torch.distributed.tensor import DTensor
+    """True when ``model`` (or a part of it) was sharded with ``fully_shard`` (``fsdp``)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
