@@ -11,6 +11,7 @@ from typing import Callable
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
+from .limits import MAX_SIZE
 
 Shape = tuple
 
@@ -91,13 +92,22 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a whole number", f"usage: {usage(op)}")
         if value.value < 1 and p.name not in ("min",):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be at least 1, got {value.value}", f"usage: {usage(op)}")
+        if value.value > MAX_SIZE:
+            raise SpecError(loc, f"argument '{p.name}' of {op.name}() is {value.value}, more than the limit {MAX_SIZE}",
+                            f"usage: {usage(op)}")
         return int(value.value)
     if p.kind == "float":
         if isinstance(value, ex.Neg) and isinstance(value.operand, ex.Num):
-            return -float(value.operand.value)
-        if not isinstance(value, ex.Num):
+            number = -float(value.operand.value)
+        elif isinstance(value, ex.Num):
+            number = float(value.value)
+        else:
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a number", f"usage: {usage(op)}")
-        return float(value.value)
+        low, high, low_open, high_open = FLOAT_RANGES.get(p.name, (-1e6, 1e6, False, False))
+        if number < low or number > high or (low_open and number == low) or (high_open and number == high):
+            want = f"{'more than' if low_open else 'at least'} {low:g} and {'less than' if high_open else 'at most'} {high:g}"
+            raise SpecError(loc, f"argument '{p.name}' of {op.name}() is {number:g}; it must be {want}", f"usage: {usage(op)}")
+        return number
     if p.kind == "bool":
         if isinstance(value, ex.Ref) and value.name in ("true", "false", "True", "False"):
             return value.name.lower() == "true"
@@ -114,10 +124,18 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
         return name
     if p.kind == "ints":
         items = value.items if isinstance(value, ex.ListExpr) else (value,)
-        if not all(isinstance(i, ex.Num) and float(i.value).is_integer() and i.value >= 1 for i in items):
+        if not items or not all(isinstance(i, ex.Num) and float(i.value).is_integer() and 1 <= i.value <= MAX_SIZE for i in items):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a list of positive whole numbers", f"usage: {usage(op)}")
         return [int(i.value) for i in items]
     return value
+
+
+# (low, high, low excluded, high excluded) of float arguments, by name; others lie within +-1e6
+FLOAT_RANGES = {
+    "tau": (0.0, 100.0, True, False),  # a temperature divides the logits
+    "gamma": (0.0, 100.0, False, False),
+    "label_smoothing": (0.0, 1.0, False, True),
+}
 
 
 def usage(op: OpDef) -> str:
