@@ -14,6 +14,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .diagnostics import SpecError, render
 
@@ -44,7 +45,7 @@ def report(error: SpecError, sources: dict | None = None) -> None:
     """Print one diagnostic (headline, source line with caret, hint) to stderr."""
     text = render(error.diagnostic, sources)
     headline, _, rest = text.partition("\n")
-    err.print(f"[bold red]error[/]: {headline}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error[/]: {escape(headline)}", highlight=False, markup=True, soft_wrap=True)  # user text is no markup
     if rest:
         err.print(rest, highlight=False, markup=False, soft_wrap=True)
 

@@ -126,10 +126,21 @@ def _line_from_file(loc: Loc) -> str | None:
         return None
 
 
+def printable(text: str) -> str:
+    """``text`` with line breaks, escape sequences and other control characters written as escapes
+    (``\\n``, ``\\x1b``), so that user text in a message cannot break lines or drive the terminal."""
+    if all(ch.isprintable() or ch == "\t" for ch in text):
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1] for ch in text)
+
+
 def render(diag: Diagnostic, sources: dict[str, str] | None = None, max_width: int = 160) -> str:
-    """Plain-text rendering: headline, the source line with a caret, then the hint."""
-    out = [diag.headline()]
+    """Plain-text rendering: headline, the source line with a caret, then the hint. User text in any
+    part is made printable first (see `printable`)."""
+    out = [printable(diag.headline())]
     line = source_line(diag.loc, sources)
+    if line is not None:
+        line = printable(line.replace("\t", " ")) if not line.isprintable() else line
     if line is not None:
         col = max(diag.loc.column - 1, 0)
         start = max(0, col - max_width // 2) if len(line) > max_width else 0
@@ -138,6 +149,6 @@ def render(diag: Diagnostic, sources: dict[str, str] | None = None, max_width: i
         out.append(gutter + shown)
         out.append(" " * (len(gutter) + col - start) + "^")
     if diag.hint:
-        out.append(f"hint: {diag.hint}")
-    out.extend(f"note: {n}" for n in diag.notes)
+        out.append(f"hint: {printable(diag.hint)}")
+    out.extend(f"note: {printable(n)}" for n in diag.notes)
     return "\n".join(out)

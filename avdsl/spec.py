@@ -315,6 +315,10 @@ def from_doc(doc: Doc) -> Spec:
         if abs(value) > MAX_SIZE:
             raise SpecError(doc.loc("vars", name), f"var '{name}' is {value}, more than the limit {MAX_SIZE}",
                             "vars hold sizes and layer numbers; check the number")
+    name = d.get("name", "model")
+    if not name.isprintable() or len(name) > 200:
+        raise SpecError(doc.loc("name"), f"the name {name[:200]!r} holds a control character or is too long",
+                        "a name is one short line of text, e.g. `name: zorro-small`")
     if len(d["streams"]) > MAX_STREAMS:
         raise SpecError(doc.key_loc("streams"), f"the spec declares {len(d['streams'])} streams, more than the limit {MAX_STREAMS}",
                         "models have a few token streams; group tokens into fewer streams")

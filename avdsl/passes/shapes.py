@@ -267,6 +267,31 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
             t[key] = t[stream_in[s]]
 
 
+# where a raw input of a non-signal kind may be passed: (operator, argument) -> the kinds allowed there
+INPUT_ARGUMENTS = {("ce", "target"): ("label",), ("bce", "target"): ("multilabel",), ("next_token", "tokens"): ("text",),
+                   ("patches", "x"): ("fbank", "image", "video")}
+SIGNAL_KINDS = ("fbank", "image", "video", "waveform")
+
+
+def _check_input_kinds(node: CallNode, graph: Graph) -> None:
+    """Class indices, label sets and token ids are targets, not features: an input of such a kind may
+    only be the target of its loss; a target or patches() argument must be an input of the right kind."""
+    inputs = graph.spec.inputs
+    for param, tensor in zip(node.tensor_params, node.inputs):
+        allowed = INPUT_ARGUMENTS.get((node.op, param))
+        decl = inputs.get(tensor)
+        if allowed is not None and (decl is None or decl.kind not in allowed):
+            what = f"input '{decl.name}' is {decl.kind}" if decl is not None else f"'{tensor}' is not an input"
+            raise SpecError(node.loc, f"{node.op}(): argument '{param}' must be an input of kind {' or '.join(allowed)}; {what}",
+                            {"ce": "e.g. `ce(logits, label)` with `label[B]: label(10)`",
+                             "bce": "e.g. `bce(logits, labels)` with `labels[B, 527]: multilabel(527)`",
+                             "next_token": "e.g. `next_token(logits, caption)` with `caption[B, 16]: text`",
+                             "patches": "e.g. `patches(fbank, [16, 16])`"}[node.op])
+        if allowed is None and decl is not None and decl.kind not in SIGNAL_KINDS:
+            raise SpecError(node.loc, f"{node.op}() cannot take input '{decl.name}': it is {decl.kind} (indices, not features)",
+                            "use it as the target of a loss, e.g. `ce(logits, label)`; tokenize text with a stream")
+
+
 def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
     op = ops.OPS[node.op]
     bound = ops.Bound(node.args)
@@ -279,6 +304,7 @@ def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
             bound[param] = shape
     bound["_op"] = op.name
     loc = node.loc
+    _check_input_kinds(node, graph)
     # checks that need to know which input is which
     if op.name in ("ce", "bce"):
         logits, target = bound["logits"], bound["target"]
@@ -294,6 +320,10 @@ def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
         decl = graph.spec.inputs.get(node.inputs[1])
         if decl is None or decl.kind != "text":
             raise SpecError(loc, "next_token() predicts the tokens of a text input", "pass the text input, e.g. `next_token(logits, caption)`")
+        logits = bound["logits"]
+        if len(logits) == 3 and isinstance(logits[1], int) and isinstance(decl.dims[1], int) and logits[1] != decl.dims[1]:
+            raise SpecError(loc, f"next_token(): the logits have {logits[1]} positions but '{decl.name}' has {decl.dims[1]} tokens",
+                            "compute the logits from the text stream's tokens, e.g. `linear(decoder.text, VOCAB)`")
     if op.name == "masked_mse":
         mask = bound["mask"]
         if tuple(mask) != tuple(bound["pred"][:2]):
