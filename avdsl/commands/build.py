@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..api import analyse
+from ..limits import MAX_BATCH
 from ..cli import EXIT_BAD_SPEC, app, err, out
 from ..summary import render, summarize
 
@@ -25,7 +26,7 @@ def build_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (for scripts)."),
     emit: Optional[Emit] = typer.Option(None, "--emit", help="Print the generated forward code, or the graph (nodes and edges)."),
     compile_: bool = typer.Option(False, "--compile", help="Also torch.compile the model and time one forward+backward on random inputs."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size for --compile (default: the spec's `dims.B`, else 2)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=MAX_BATCH, help="Batch size for --compile (default: the spec's `dims.B`, else 2)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast) for --compile."),
 ) -> None:
     """Validate SPEC, infer every shape, and print a summary: streams, routing per layer range,

@@ -5,9 +5,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..api import analyse
 from ..cli import EXIT_BAD_SPEC, app, err, out
+from ..diagnostics import Loc, SpecError
 from ..pictures import dataflow, draw_dataflow, draw_masks, mask_panels, masks_text, to_dot, to_mermaid
 
 GRAPH_FORMATS = (".svg", ".png", ".dot", ".mmd")
@@ -36,15 +38,28 @@ def graph_command(
         return
     suffix = output.suffix.lower()
     if suffix not in GRAPH_FORMATS:
-        err.print(f"error: cannot write '{output}': use one of {', '.join(GRAPH_FORMATS)}")
+        err.print(f"error: cannot write '{escape(str(output))}': use one of {', '.join(GRAPH_FORMATS)}")
         raise typer.Exit(EXIT_BAD_SPEC)
-    if suffix == ".dot":
-        output.write_text(to_dot(flow, analysis.spec.name))
-    elif suffix == ".mmd":
-        output.write_text(to_mermaid(flow))
-    else:
-        draw_dataflow(flow, str(output), f"{analysis.spec.name}: dataflow")
-    out.print(f"wrote {output}", highlight=False)
+    _check_output(output)
+    try:
+        if suffix == ".dot":
+            output.write_text(to_dot(flow, analysis.spec.name))
+        elif suffix == ".mmd":
+            output.write_text(to_mermaid(flow))
+        else:
+            draw_dataflow(flow, str(output), f"{analysis.spec.name}: dataflow")
+    except OSError as e:
+        raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
+    out.print(f"wrote {escape(str(output))}", highlight=False)
+
+
+def _check_output(output: Path) -> None:
+    """``-o FILE`` must lie in an existing folder and not be a folder itself."""
+    if not output.parent.is_dir():
+        raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: the folder '{output.parent}' does not exist",
+                        "create the folder first, or write into an existing one")
+    if output.is_dir():
+        raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: it is a folder", "name a file, e.g. `-o graph.png`")
 
 
 @app.command("masks")
@@ -68,7 +83,11 @@ def masks_command(
     print(masks_text(panels), end="")
     if output is not None:
         if output.suffix.lower() not in (".png", ".svg"):
-            err.print(f"error: cannot write '{output}': use .png or .svg")
+            err.print(f"error: cannot write '{escape(str(output))}': use .png or .svg")
             raise typer.Exit(EXIT_BAD_SPEC)
-        draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
-        out.print(f"wrote {output}", highlight=False)
+        _check_output(output)
+        try:
+            draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
+        except OSError as e:
+            raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
+        out.print(f"wrote {escape(str(output))}", highlight=False)
