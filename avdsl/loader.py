@@ -451,10 +451,15 @@ def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
     return doc
 
 
-def load_text(text: str, file: str = "<spec>", overrides: list[str] = ()) -> Doc:
-    """Load a spec from text (tests, editors). ``extends`` resolves against the working directory."""
+def load_text(text: str, file: str = "<spec>", overrides: list[str] = (), folder: Path | None = None,
+              read=None) -> Doc:
+    """Load a spec from text (tests, editors, a git revision). ``extends`` paths resolve against
+    ``folder`` (default: the working directory), read from disk, or with ``read(path) -> text | None``
+    when given (a spec at a git revision reads its base at that revision)."""
     doc = parse_yaml(text, file)
-    doc = _with_base(doc, Path.cwd(), [file], Path.cwd().resolve())
+    here = Path.cwd() if folder is None else folder
+    root = here.resolve() if read is None else Path(os.path.normpath(here))
+    doc = _with_base(doc, here, [file], root, read)
     for item in overrides:
         apply_override(doc, item)
     doc.data.pop("extends", None)
@@ -474,7 +479,7 @@ def _load_chain(path: Path, seen: list[str], root_dir: Path) -> Doc:
     return _with_base(doc, path.parent, seen + [str(path.resolve())], root_dir)
 
 
-def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
+def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path, read=None) -> Doc:
     """If ``doc`` extends another spec, load that one and merge ``doc`` over it."""
     parent = doc.data.get("extends")
     if parent is None:
@@ -484,6 +489,10 @@ def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
         raise SpecError(loc, "`extends` must name one spec", "e.g. `extends: zorro` or `extends: ./base.yaml`")
     if len(seen) > MAX_EXTENDS:
         raise SpecError(loc, f"`extends` chains more than {MAX_EXTENDS} specs", "shorten the chain")
+    if "\x00" in parent or not parent.isprintable():
+        raise SpecError(loc, f"`extends: {parent!r}` is not a usable file name", "name a spec file or a built-in spec")
+    if read is not None and (parent.endswith((".yaml", ".yml")) or parent.startswith((".", "/", "~"))):
+        return _with_base_at_revision(doc, here, seen, root_dir, read, parent, loc)
     is_path = (parent.endswith((".yaml", ".yml")) or parent.startswith((".", "/", "~")) or ".." in Path(parent).parts
                or Path(parent).is_absolute() or _is_file(here / parent))
     target = (here / parent) if is_path else _builtin_spec(parent)
@@ -504,6 +513,30 @@ def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
         chain = " -> ".join(Path(s).name for s in seen + [str(real)])
         raise SpecError(loc, f"`extends` forms a loop: {chain}", "remove one of the `extends` lines")
     base = _load_chain(real, seen, root_dir)
+    return _merged(base, doc)
+
+
+def _with_base_at_revision(doc: Doc, here: Path, seen: list[str], root_dir: Path, read, parent: str, loc: Loc) -> Doc:
+    """`extends:` of a spec read from elsewhere (a git revision): the base is named lexically,
+    relative to the spec's own folder there, and read with ``read``."""
+    target = Path(os.path.normpath(here / parent))
+    if Path(parent).is_absolute() or parent.startswith("~") or ".." in target.parts or not target.is_relative_to(root_dir):
+        raise SpecError(loc, f"`extends: {parent}` reaches outside the spec's folder",
+                        "extend a built-in spec by name, or a file in this spec's folder or below it")
+    if str(target) in seen:
+        chain = " -> ".join(Path(s).name for s in seen + [str(target)])
+        raise SpecError(loc, f"`extends` forms a loop: {chain}", "remove one of the `extends` lines")
+    text = read(target)
+    if text is None:
+        raise SpecError(loc, f"`extends: {parent}` names no spec file at that revision",
+                        "a path is read relative to this spec's folder at the same revision")
+    shown = f"{target.as_posix()}@{getattr(read, 'revision', '?')}"
+    base = _with_base(parse_yaml(text, shown), target.parent, seen + [str(target)], root_dir, read)
+    return _merged(base, doc)
+
+
+def _merged(base: Doc, doc: Doc) -> Doc:
+    """``doc`` merged over its (loaded) base; positions and sources of both are kept."""
     base.sources.update(doc.sources)
     base.data.pop("extends", None)
     _merge(base, doc)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
+
+from avdsl.limits import STOP_GRACE_S
 
 from .. import compile_cache
 from . import distributed
@@ -82,16 +86,37 @@ def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
 
-    def __init__(self):
+    A step that does not end within ``grace`` seconds of the signal (a data loader blocked on a file
+    that never delivers, a hung collective) does not keep the process alive: a watchdog ends it with
+    exit code 128 + the signal number, saying so. `acknowledge` (the loop saw the flag) disarms it."""
+
+    def __init__(self, grace: float = STOP_GRACE_S):
         self.requested = False
         self.previous = {}
+        self.grace = grace
+        self.watchdog: threading.Timer | None = None
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.requested:
+            raise KeyboardInterrupt  # a second signal: abort now
         self.requested = True
+        self.watchdog = threading.Timer(self.grace, self._give_up, args=(signum,))
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    @staticmethod
+    def _give_up(signum: int) -> None:
+        sys.stderr.write(f"error: the current step did not finish within the grace period after signal {signum}; "
+                         "stopping without a checkpoint (resume starts from the last one)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def acknowledge(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -100,6 +125,7 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
+        self.acknowledge()
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         return False
@@ -212,6 +238,14 @@ def train(
 
     def checkpoint(at_step: int, metrics: dict | None = None) -> Path | None:
         path = None
+        broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:  # never let NaN weights replace the last good checkpoint
+            good = find_latest(run_dir) if main else None
+            raise NonFiniteLoss(
+                f"after step {at_step} the parameters are not finite ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}); no checkpoint was written, "
+                + (f"the last good checkpoint is {good}." if good else "and none was written before."),
+                step=at_step, terms=broken[:3])
         if main:
             path = save_checkpoint(
                 run_dir, at_step, model, optimizer, scheduler, config.to_dict(), spec_text,
@@ -305,6 +339,7 @@ def train(
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     last_path, last_saved = checkpoint(step, metrics), step
                 if flags[0]:
+                    stop.acknowledge()
                     interrupted = True
                     break
             loop_seconds = time.perf_counter() - loop_started
