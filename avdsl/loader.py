@@ -104,6 +104,13 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _resolved(path: Path) -> Path | None:
     """``path.resolve()``, or None for a name the OS refuses (NUL byte, symlink loop, too long)."""
     try:
@@ -440,6 +447,9 @@ def _input_name(key) -> str:
 def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
     """Load a spec by path or built-in name, follow ``extends:``, then apply ``--set`` overrides."""
     path = resolve_spec_path(path_or_name)
+    if path is None and _exists(Path(path_or_name)):
+        raise SpecError(Loc(str(path_or_name), 1, 1), f"'{path_or_name}' is not a regular file (a folder, a device or a FIFO?)",
+                        "pass a .yaml spec file or a built-in spec name")
     if path is None:
         hint = did_you_mean(path_or_name, builtin_names(), "a spec file or built-in spec")
         raise SpecError(Loc(str(path_or_name), 1, 1), f"no spec file or built-in spec named '{path_or_name}'", hint)
