@@ -184,19 +184,15 @@ def test_a_huge_file_is_never_read_to_quote_its_line(tmp_path):
 # ------------------------------------------------------------------------------ code execution
 
 
-INJECTION = "z\nimport os;os.system('touch {marker}')\n#"
+INJECTION = "z\nimport os;os.system('touch pwned')\n#"  # run from tmp_path, it would create tmp_path/pwned
 
 
-def _inject_name(tmp_path: Path) -> tuple[str, Path]:
-    marker = tmp_path / "pwned"
-    return INJECTION.format(marker=marker), marker
-
-
-def test_spec_path_with_newline_never_becomes_code(tmp_path, base_spec, run, capsys):
+def test_spec_path_with_newline_never_becomes_code(tmp_path, run, monkeypatch):
     import ast
 
-    name, marker = _inject_name(tmp_path)
-    spec = tmp_path / f"{name}.yaml"
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    spec = tmp_path / f"{INJECTION}.yaml"
     try:
         spec.write_text(BASE)
     except OSError:
@@ -467,7 +463,7 @@ def test_eval_of_a_tampered_checkpoint(kind, trained, tmp_path, run):
     one_error(*run("eval", target, "--batches", "1", "--batch-size", "2"))
 
 
-@pytest.mark.parametrize("kind", ["header_lies", "state_truncated", "meta_list"])
+@pytest.mark.parametrize("kind", ["header_lies", "state_truncated", "offsets_past_end"])
 def test_resume_from_a_tampered_checkpoint(kind, trained, tmp_path, run):
     target = _tamper(trained, tmp_path, kind)
     run_dir = tmp_path / "run"
@@ -477,9 +473,10 @@ def test_resume_from_a_tampered_checkpoint(kind, trained, tmp_path, run):
     assert code == 2 and "Traceback" not in err, err[-2000:]
 
 
-def test_checkpoint_folder_named_as_code_is_not_run(trained, tmp_path, run):
-    name, marker = _inject_name(tmp_path)
-    target = tmp_path / name
+def test_checkpoint_folder_named_as_code_is_not_run(trained, tmp_path, run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    target = tmp_path / INJECTION
     try:
         shutil.copytree(trained, target)
     except OSError:
@@ -511,24 +508,27 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, monkeypatch):
 
 
 def test_weights_that_turn_nan_are_never_checkpointed(tmp_path):
+    """An update that leaves NaN weights (while the loss of that step was finite) ends the run with
+    NonFiniteLoss instead of writing them over the last good checkpoint."""
     import torch
+    from rich.console import Console
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from avdsl.runtime.train import NonFiniteLoss, TrainConfig, train
     from avdsl.runtime.train.toy import TinyAV, ToyAVDataset
 
-    class Poisoned(TinyAV):
-        def forward(self, **batch):
-            result = super().forward(**batch)
-            with torch.no_grad():  # the loss stays finite, but the weights do not
-                next(self.parameters()).fill_(float("nan"))
-            return result
+    def poison(optimizer, args, kwargs):
+        with torch.no_grad():
+            optimizer.param_groups[0]["params"][0].fill_(float("nan"))
 
     config = TrainConfig(steps=2, batch_size=4, eval_every=0, checkpoint_every=1, run_dir=str(tmp_path / "run"),
                          warmup_steps=0, device="cpu")
-    from rich.console import Console
-
-    with pytest.raises(NonFiniteLoss, match="not finite"):
-        train(Poisoned(), ToyAVDataset(16), ToyAVDataset(8), config, "spec", "hash", console=Console(quiet=True))
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        with pytest.raises(NonFiniteLoss, match="not finite"):
+            train(TinyAV(), ToyAVDataset(16), ToyAVDataset(8), config, "spec", "hash", console=Console(quiet=True))
+    finally:
+        handle.remove()
     assert not list((tmp_path / "run").glob("step-*"))
 
 

@@ -225,11 +225,11 @@ def train_command(
 
 def _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
            checkpoint_every, workers, skip_nonfinite, device, nproc, train_size, val_size) -> None:
+    doc = load_file(spec, set_ or [])
+    analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts (and before torch loads)
+    _check_device(device)
     from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
 
-    _check_device(device)
-    doc = load_file(spec, set_ or [])
-    analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts
     spec_train = analysis.spec.train
     sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
     options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision, "compile": compile_,
@@ -284,7 +284,7 @@ def _load_run(checkpoint: str, set_: list):
         load_checkpoint(path, model, spec_hash=None if set_ else model.spec_hash)
     except CheckpointMismatch as e:
         raise SpecError(Loc(str(path)), str(e), "evaluate a checkpoint with the spec it was written with") from None
-    except CheckpointCorrupt as e:
+    except (CheckpointCorrupt, FileNotFoundError) as e:
         raise SpecError(Loc(str(path)), f"the checkpoint cannot be read: {e}",
                         "it is damaged or incomplete; use another step-* folder of the run") from None
     return analysis, model, path
