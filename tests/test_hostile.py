@@ -608,3 +608,19 @@ def test_print_measurements(capsys):
         big = max(MEASURED.items(), key=lambda kv: kv[1][1])
         print(f"\ncapped cases: {len(MEASURED)}; slowest {slow[0]} {slow[1][0]:.2f} s; "
               f"largest peak RSS {big[0]} {big[1][1] / 2**20:.0f} MiB")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_during_a_step_that_never_ends_exits_promptly():
+    """The loop's stop flag is only read between steps; a step blocked forever (a loader waiting on a
+    file that never delivers) is ended by the watchdog after the grace period, with a message."""
+    code = ("import os, signal, time\n"
+            "from avdsl.runtime.train.loop import StopRequest\n"
+            "with StopRequest(grace=0.5):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "grace period" in proc.stderr
+    assert time.perf_counter() - t0 < 20
