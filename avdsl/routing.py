@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
-from .limits import MAX_LAYER_STREAMS, MAX_ROUTING_RULES, MAX_RULE_SET_NESTING
+from .limits import MAX_LAYER_STREAMS, MAX_ROUTING_ENTRIES, MAX_ROUTING_RULES, MAX_RULE_SET_NESTING
 
 FLAGS = ("causal", "cross")
 
@@ -175,6 +175,13 @@ def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, .
         raise SpecError(at, f"{depth} layers x {len(streams)} streams is more than the limit of {MAX_LAYER_STREAMS} "
                         "layer-stream pairs in one encoder", "use fewer layers or fewer streams")
     flat = expand_uses(entries, rule_sets, vars, depth)
+    covered_total = 0
+    for rule, loc, covered in flat:
+        covered_total += len(covered) * len(rule.queries)
+        if covered_total > MAX_ROUTING_ENTRIES:
+            raise SpecError(loc, f"the routing covers more than {MAX_ROUTING_ENTRIES} (layer, query stream) pairs",
+                            "rules that cover the same layers override each other: keep the ones that decide, "
+                            "or use fewer layers or streams")
     # (layer, query, weights, cross) -> (Attend, rule index)
     table: dict[tuple, tuple[Attend, int]] = {}
     rule_layers: dict[int, set] = {}

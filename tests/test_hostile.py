@@ -624,3 +624,28 @@ def test_sigterm_during_a_step_that_never_ends_exits_promptly():
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert "grace period" in proc.stderr
     assert time.perf_counter() - t0 < 20
+
+
+# --------------------------------------------------------------------------- memory, before building
+
+HUGE = BASE.replace("width: 32", "width: 65536").replace("depth: 2", "depth: 1024")
+
+
+@pytest.mark.parametrize("argv", [["build", "{spec}", "--compile"], ["train", "{spec}", *SMALL, "--run-dir", "{run}"]],
+                         ids=["build --compile", "train"])
+def test_a_model_that_cannot_fit_is_refused_before_building(argv, tmp_path, run):
+    spec = tmp_path / "huge.yaml"
+    spec.write_text(HUGE)
+    line = one_error(*run(*[a.format(spec=spec, run=tmp_path / "run") for a in argv]))
+    assert "would need about" in line and "GiB" in line, line
+
+
+def test_memory_estimate_grows_with_the_model():
+    from avdsl.api import analyse_text
+    from avdsl.passes.memory import estimate
+
+    small, huge = analyse_text(BASE), analyse_text(HUGE)
+    a, b = estimate(small.graph, small.cost, 8, True), estimate(huge.graph, huge.cost, 8, True)
+    assert a.total < 1024**3 < b.total
+    assert b.weights_bytes == 16 * huge.cost.total_params
+    assert estimate(small.graph, small.cost, 8, False).total < a.total
