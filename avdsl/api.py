@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .build import build_graph
+from .diagnostics import SpecError
 from .ir import Graph
 from .loader import Doc, load_file, load_text
 from .passes.cost import Cost, count
@@ -25,8 +26,11 @@ class Analysis:
 
 
 def analyse_doc(doc: Doc) -> Analysis:
-    spec = from_doc(doc)
-    graph = infer_shapes(build_graph(spec))
+    try:
+        spec = from_doc(doc)
+        graph = infer_shapes(build_graph(spec))
+    except SpecError as e:
+        raise e.with_sources(doc.sources) from None
     return Analysis(doc, spec, graph, count(graph))
 
 

@@ -1,78 +1,82 @@
-"""The `avdsl` command line (typer + rich).
+"""The `avdsl` command line (typer + rich): the app, its commands, and the one error path.
 
-Exit codes (the same for every command):
-  0  success (for `lint`: no findings)
-  1  the command ran and found problems (lint findings, a failed or non-finite training run)
-  2  the spec (or a command-line argument) could not be used: the message says where and why
-  130  interrupted (Ctrl-C)
+Every command reports a problem by raising: `SpecError` for a place in a spec, `CommandError` for a
+bad option or a failed run. `main` turns either, and typer's own usage errors, into one message
+(``error: ...`` with ``hint: ...``; a JSON object on standard output with ``--json``) and an exit code.
+The exit codes are documented in `avdsl.commands.common`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from importlib import metadata
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from typer.exceptions import TyperException
 
-from .diagnostics import SpecError, render
+from . import commands
+from .commands.common import (EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, CommandError, err,  # noqa: F401
+                              out, report)
+from .diagnostics import SpecError
 
-EXIT_OK, EXIT_FINDINGS, EXIT_BAD_SPEC, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-app = typer.Typer(
-    name="avdsl",
-    help=(
-        "Declarative audio-visual transformers: write a YAML spec of token streams, routing and losses; "
-        "avdsl validates it, infers every shape, and compiles it to PyTorch.\n\n"
-        "Examples:\n\n"
-        "  avdsl build zorro                      # summary of a built-in spec\n\n"
-        "  avdsl build specs/tiny/zorro.yaml --compile\n\n"
-        "  avdsl build zorro --set encoders.backbone.depth=6 --json\n\n"
-        "Exit codes: 0 ok, 1 findings or failed run, 2 bad spec or arguments, 130 interrupted."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-)
-
-out = Console()
-err = Console(stderr=True)
+VERSIONED = ("avdsl", "torch", "torchaudio", "typer", "lark", "jsonschema", "networkx", "rich", "safetensors", "av",
+             "numpy", "matplotlib", "pyyaml")
 
 
-def report(error: SpecError, sources: dict | None = None) -> None:
-    """Print one diagnostic (headline, source line with caret, hint) to stderr."""
-    text = render(error.diagnostic, sources)
-    headline, _, rest = text.partition("\n")
-    err.print(f"[bold red]error[/]: {escape(headline)}", highlight=False, markup=True, soft_wrap=True)  # user text is no markup
-    if rest:
-        err.print(rest, highlight=False, markup=False, soft_wrap=True)
-
-
-def _register() -> None:
-    from .commands import build, schema  # noqa: F401  (each module adds its command to `app`)
-
-    for name in ("train", "lint", "diff", "pictures", "bench"):
+def versions() -> dict[str, str]:
+    """Installed versions of avdsl and its direct dependencies (read from package metadata, no imports)."""
+    found = {}
+    for name in VERSIONED:
         try:
-            __import__(f"avdsl.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"avdsl.commands.{name}":
-                raise
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
-def _click_exceptions():
-    """The click exception classes typer raises: recent typer vendors click as ``typer._click``."""
-    try:
-        from typer._click import exceptions
-    except ImportError:
-        from click import exceptions
-    return exceptions
+def _print_version(value: bool) -> None:
+    if value:
+        v = versions()
+        print(f"avdsl {v.pop('avdsl')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
+        raise typer.Exit(EXIT_OK)
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(
+        name="avdsl",
+        help=(
+            "Declarative audio-visual transformers: write a YAML spec of token streams, routing and losses; "
+            "avdsl validates it, infers every shape, and compiles it to PyTorch.\n\n"
+            "Examples:\n\n"
+            "  avdsl build zorro                      # summary of a built-in spec\n\n"
+            "  avdsl build specs/tiny/zorro.yaml --compile\n\n"
+            "  avdsl build zorro --set encoders.backbone.depth=6 --json\n\n"
+            "Exit codes: 0 ok, 1 findings or failed run, 2 bad spec or arguments, 130 interrupted."
+        ),
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="markdown",
+    )
+
+    @app.callback()
+    def _root(version: bool = typer.Option(False, "--version", help="Print the versions of avdsl and its dependencies.",
+                                           callback=_print_version, is_eager=True)) -> None:
+        pass
+
+    for name, function in commands.ALL:
+        app.command(name)(function)
+    return app
+
+
+def _wants_json(argv: list[str]) -> bool:
+    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a command; turn user mistakes into diagnostics and exit codes."""
-    _register()
+    """Entry point: run a command; turn every user mistake into one message and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = _wants_json(argv)
     # keep inductor's compiled kernels with avdsl's compile cache (not in /tmp), so warm rebuilds stay warm
     cache_root = os.environ.get("AVDSL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avdsl")
@@ -80,31 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     # torch.compile's C++ toolchain lookup logs a CUDA_HOME notice on CPU-only machines: not for users
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        code = app(args=argv, standalone_mode=False)  # click returns a `typer.Exit` code instead of raising it
-        if isinstance(code, int) and code:
-            return code
-    except SpecError as e:
-        report(e)
-        return EXIT_BAD_SPEC
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        return EXIT_INTERRUPTED
+        code = make_app()(args=argv, prog_name="avdsl", standalone_mode=False)
+        return code if isinstance(code, int) else EXIT_OK  # without standalone mode, `typer.Exit` is returned
+    except (SpecError, CommandError) as e:
+        report(e, as_json)
+        return e.exit_code if isinstance(e, CommandError) else EXIT_BAD_SPEC
     except typer.Exit as e:
         return e.exit_code
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 0
-    except Exception as e:  # click usage errors
-        click = _click_exceptions()
-        if isinstance(e, click.UsageError):
-            e.show()
-            return EXIT_BAD_SPEC
-        if isinstance(e, click.Abort):
-            return EXIT_INTERRUPTED
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
-    return EXIT_OK
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted")
+        return EXIT_INTERRUPTED
+    except TyperException as e:  # usage errors: unknown option, missing argument, bad choice
+        report(e, as_json)
+        return getattr(e, "exit_code", EXIT_BAD_SPEC) or EXIT_BAD_SPEC
 
 
 def run() -> None:

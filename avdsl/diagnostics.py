@@ -66,6 +66,12 @@ class SpecError(Exception):
     def __init__(self, loc: Loc, message: str, hint: str = "", code: str = "E") -> None:
         super().__init__(f"{loc}: {message}")
         self.diagnostic = Diagnostic(loc, message, hint, code)
+        self.sources: dict[str, str] = {}  # texts that are not files on disk (standard input), for rendering
+
+    def with_sources(self, sources: dict[str, str]) -> "SpecError":
+        """Remember the texts the spec was read from, so the error can show its line."""
+        self.sources = {**sources, **self.sources}
+        return self
 
     @property
     def loc(self) -> Loc:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -444,8 +445,28 @@ def _input_name(key) -> str:
     return str(key).split("[", 1)[0].strip()
 
 
+STDIN = "-"  # the spec argument that reads a spec from standard input
+
+
+def read_stdin(stream=None) -> str:
+    """A spec from standard input, read only up to the size limit."""
+    stream = stream if stream is not None else sys.stdin
+    text = stream.read(MAX_BYTES + 1)
+    if len(text) > MAX_BYTES:
+        raise SpecError(Loc("<stdin>", 1, 1), f"the spec is larger than {MAX_BYTES // 1000} kB",
+                        "specs are short; is this the right input?")
+    return text
+
+
 def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
-    """Load a spec by path or built-in name, follow ``extends:``, then apply ``--set`` overrides."""
+    """Load a spec by path, built-in name or ``-`` (standard input), follow ``extends:``, then apply
+    ``--set`` overrides."""
+    if path_or_name == STDIN:
+        text = read_stdin()
+        try:
+            return load_text(text, "<stdin>", overrides)
+        except SpecError as e:
+            raise e.with_sources({"<stdin>": text}) from None
     path = resolve_spec_path(path_or_name)
     if path is None and _exists(Path(path_or_name)):
         raise SpecError(Loc(str(path_or_name), 1, 1), f"'{path_or_name}' is not a regular file (a folder, a device or a FIFO?)",

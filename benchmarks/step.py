@@ -40,7 +40,7 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int) -> di
     torch.manual_seed(0)
     model = compile_graph(analysis.graph).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    torch._dynamo.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
+    torch.compiler.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
     runner = torch.compile(model, fullgraph=True, dynamic=False) if mode == "compiled" else model
     step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
     start = time.perf_counter()

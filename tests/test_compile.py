@@ -33,7 +33,7 @@ def _loss_and_grads(model, data, runner, precision="fp32"):
 
 
 def test_tiny_zorro_traces_as_one_graph_and_matches_eager():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, data = _model_and_batch("tiny/zorro")
     explained = torch._dynamo.explain(model)(**data)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
@@ -53,7 +53,7 @@ def test_tiny_spec_compiles_with_inductor_without_graph_breaks(name, precision, 
     # video masks swap draws), so token selection is made deterministic here: the comparison is then
     # of the computation, not of the random streams
     monkeypatch.setattr(embeddings, "keep_random", _keep_first_tokens)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, data = _model_and_batch(name)
     compiled = torch.compile(model, fullgraph=True)  # a graph break raises here
     eager_loss, eager_grads = _loss_and_grads(model, data, model, precision)

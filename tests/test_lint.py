@@ -131,7 +131,7 @@ def test_cli_exit_codes_and_output(tmp_path, capsys):
     assert f"{leaky}:27:14: R204 output 'audio_out'" in text and "hint:" in text
     assert main(["lint", str(broken)]) == 2
     assert "unknown key 'widht'" in capsys.readouterr().err
-    assert main(["lint", str(leaky), "--format", "json"]) == 1
+    assert main(["lint", str(leaky), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data[0]["findings"][0]["code"] == "R204" and data[0]["findings"][0]["rule"] == "unimodal-leak"
     assert main(["lint", "--explain", "r203"]) == 0

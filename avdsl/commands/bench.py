@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import EXIT_BAD_SPEC, app, err
+from .common import CommandError
 
 
 def _benchmarks(name: str):
@@ -32,7 +32,6 @@ class What(str, Enum):
     compile = "compile"
 
 
-@app.command("bench")
 def bench_command(
     specs: Optional[List[str]] = typer.Argument(None, help="Spec files or built-in names, e.g. `cav-mae tiny/zorro`."),
     what: What = typer.Option(What.step, "--what", help="step (default), attention (paper token counts), or compile (cold vs warm)."),
@@ -52,13 +51,11 @@ def bench_command(
       avdsl bench --what attention
     """
     if what != What.attention and not specs:
-        err.print("error: give at least one spec, e.g. `avdsl bench tiny/zorro`")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError("give at least one spec", "e.g. `avdsl bench tiny/zorro`")
     try:
         module = _benchmarks(what.value)
     except ModuleNotFoundError:
-        err.print("error: the `benchmarks` package was not found; `avdsl bench` runs from a checkout of the repository")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError("the `benchmarks` package was not found", "`avdsl bench` runs from a checkout of the repository") from None
     if what == What.step:
         result = module.run(specs, batch, reps, budget)
     elif what == What.attention:

@@ -6,14 +6,14 @@ from typing import List, Optional
 
 import typer
 
-from ..cli import app, out
+from .common import complete_spec, out
 from ..diff import diff_analyses, load_side, render
 
 
-@app.command("diff")
 def diff_command(
-    a: str = typer.Argument(..., help="The old spec: a file, a built-in name, or `path@git-revision`."),
-    b: str = typer.Argument(..., help="The new spec (same forms)."),
+    a: str = typer.Argument(..., help="The old spec: a file, a built-in name, `path@git-revision`, or `-` (standard input).",
+                            autocompletion=complete_spec),
+    b: str = typer.Argument(..., help="The new spec (same forms).", autocompletion=complete_spec),
     set_a: Optional[List[str]] = typer.Option(None, "--set-a", help="Override a value of the old spec (repeatable)."),
     set_b: Optional[List[str]] = typer.Option(None, "--set-b", help="Override a value of the new spec (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON."),

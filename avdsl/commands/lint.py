@@ -2,25 +2,19 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import List, Optional
 
 import typer
 
-from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_OK, app, err, out, report
+from ..diagnostics import did_you_mean
 from ..lint import BY_CODE, RULES, lint_one, spec_targets
+from .common import EXIT_BAD_SPEC, EXIT_FINDINGS, EXIT_OK, CommandError, out, report
 
 
-class Format(str, Enum):
-    text = "text"
-    json = "json"
-
-
-@app.command("lint")
 def lint_command(
     paths: Optional[List[str]] = typer.Argument(None, help="Spec files, directories of .yaml specs, or built-in names."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value in every spec: `--set vars.fusion_layer=4`."),
-    fmt: Format = typer.Option(Format.text, "--format", help="text (file:line:col: CODE message, then a hint) or json."),
+    as_json: bool = typer.Option(False, "--json", help="Print specs, errors and findings as JSON (for scripts and editors)."),
     explain: Optional[str] = typer.Option(None, "--explain", help="Print what a rule checks and why, e.g. `--explain R204`."),
     list_rules: bool = typer.Option(False, "--list", help="List every rule: code, name, summary."),
 ) -> None:
@@ -34,15 +28,14 @@ def lint_command(
 
       avdsl lint specs
 
-      avdsl lint zorro --format json
+      avdsl lint zorro --json
 
       avdsl lint --explain R204
     """
     if explain is not None:
         rule = BY_CODE.get(explain.upper())
         if rule is None:
-            err.print(f"error: no lint rule '{explain}'; rules are " + ", ".join(BY_CODE))
-            raise typer.Exit(EXIT_BAD_SPEC)
+            raise CommandError(f"no lint rule '{explain}'", did_you_mean(explain.upper(), BY_CODE, "a rule code"))
         out.print(f"[bold]{rule.code} {rule.name}[/] ({rule.severity})\n{rule.summary}\n\n{rule.explanation}", soft_wrap=True)
         raise typer.Exit(EXIT_OK)
     if list_rules:
@@ -50,10 +43,9 @@ def lint_command(
             out.print(f"{rule.code}  {rule.name:<24} {rule.summary}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_OK)
     if not paths:
-        err.print("error: name at least one spec, directory or built-in spec (e.g. `avdsl lint specs`)")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError("name at least one spec, directory or built-in spec", "e.g. `avdsl lint specs`")
     results = [lint_one(t, set_ or []) for t in spec_targets(paths)]
-    if fmt == Format.json:
+    if as_json:
         print(json.dumps([{"spec": r.target, "error": r.error.diagnostic.to_json() if r.error else None,
                            "findings": [dict(d.to_json(), rule=BY_CODE[d.code].name) for d in r.findings]}
                           for r in results], indent=2))

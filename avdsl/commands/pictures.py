@@ -8,16 +8,14 @@ import typer
 from rich.markup import escape
 
 from ..api import analyse
-from ..cli import EXIT_BAD_SPEC, app, err, out
-from ..diagnostics import Loc, SpecError
+from .common import SPEC_HELP, CommandError, complete_spec, out
 from ..pictures import dataflow, draw_dataflow, draw_masks, mask_panels, masks_text, to_dot, to_mermaid
 
 GRAPH_FORMATS = (".svg", ".png", ".dot", ".mmd")
 
 
-@app.command("graph")
 def graph_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to FILE: .svg or .png (drawn), .dot or .mmd (text)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value (repeatable)."),
 ) -> None:
@@ -38,8 +36,7 @@ def graph_command(
         return
     suffix = output.suffix.lower()
     if suffix not in GRAPH_FORMATS:
-        err.print(f"error: cannot write '{escape(str(output))}': use one of {', '.join(GRAPH_FORMATS)}")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(f"cannot write '{output}': unknown picture format", f"use one of {', '.join(GRAPH_FORMATS)}")
     _check_output(output)
     try:
         if suffix == ".dot":
@@ -49,22 +46,21 @@ def graph_command(
         else:
             draw_dataflow(flow, str(output), f"{analysis.spec.name}: dataflow")
     except OSError as e:
-        raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
+        raise CommandError(f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
     out.print(f"wrote {escape(str(output))}", highlight=False)
 
 
 def _check_output(output: Path) -> None:
     """``-o FILE`` must lie in an existing folder and not be a folder itself."""
     if not output.parent.is_dir():
-        raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: the folder '{output.parent}' does not exist",
-                        "create the folder first, or write into an existing one")
+        raise CommandError(f"cannot write -o {str(output)!r}: the folder '{output.parent}' does not exist",
+                           "create the folder first, or write into an existing one")
     if output.is_dir():
-        raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: it is a folder", "name a file, e.g. `-o graph.png`")
+        raise CommandError(f"cannot write -o {str(output)!r}: it is a folder", "name a file, e.g. `-o graph.png`")
 
 
-@app.command("masks")
 def masks_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also draw the masks to FILE (.png or .svg)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a value (repeatable)."),
 ) -> None:
@@ -83,11 +79,10 @@ def masks_command(
     print(masks_text(panels), end="")
     if output is not None:
         if output.suffix.lower() not in (".png", ".svg"):
-            err.print(f"error: cannot write '{escape(str(output))}': use .png or .svg")
-            raise typer.Exit(EXIT_BAD_SPEC)
+            raise CommandError(f"cannot write '{output}': unknown picture format", "use .png or .svg")
         _check_output(output)
         try:
             draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
         except OSError as e:
-            raise SpecError(Loc(str(output)), f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
+            raise CommandError(f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
         out.print(f"wrote {escape(str(output))}", highlight=False)

@@ -1,15 +1,29 @@
-"""`avdsl schema`: print the JSON Schema of specs (for editors and the YAML language server)."""
+"""`avdsl schema`: print or write the JSON Schema of specs (for editors and the YAML language server)."""
 from __future__ import annotations
 
-from ..cli import app
+from pathlib import Path
+from typing import Optional
+
+import typer
+
 from ..schema import schema_text
+from .common import CommandError, out
 
 
-@app.command("schema")
-def schema_command() -> None:
+def schema_command(
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the schema to FILE instead of printing it."),
+) -> None:
     """Print the JSON Schema (draft 2020-12) that specs are validated against.
 
-    Use it in an editor with the YAML language server: save it (`avdsl schema > avdsl.schema.json`)
-    and put `# yaml-language-server: $schema=avdsl.schema.json` on the first line of a spec.
+    The schema accepts a spec as written: one with `extends:` may give only the parts it changes. Use
+    it in an editor with the YAML language server: `avdsl schema -o avdsl.schema.json`, then put
+    `# yaml-language-server: $schema=avdsl.schema.json` on the first line of a spec.
     """
-    print(schema_text())
+    if output is None:
+        print(schema_text())
+        return
+    try:
+        output.write_text(schema_text() + "\n", encoding="utf-8")
+    except OSError as e:
+        raise CommandError(f"cannot write '{output}': {e.strerror or e}", "pass a path in a folder you can write to") from None
+    out.print(f"wrote {output}", highlight=False)

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,12 +19,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..api import analyse_doc
-from ..cli import EXIT_BAD_SPEC, EXIT_FINDINGS, app, err, out
 from .. import limits
 from ..diagnostics import Loc, SpecError
+from .common import EXIT_BAD_SPEC, EXIT_FINDINGS, SPEC_HELP, CommandError, Precision, complete_spec, err, out
 from ..loader import load_file, load_text, read_text
 
 TRAIN_DEFAULTS = {"train_size": 2048, "val_size": 256}
+
+
+class ExportFormat(str, Enum):
+    torch_export = "torch-export"
+    onnx = "onnx"
 
 
 def _datasets(model, data: str, train_size: int, val_size: int, seed: int, materialize: bool):
@@ -72,7 +78,7 @@ def _config(spec_train: dict, options: dict):
     try:
         return TrainConfig.from_dict(merged)
     except (TypeError, ValueError) as e:
-        raise SpecError(Loc("<options>"), f"invalid training setting: {e}", "see `avdsl train --help`") from None
+        raise CommandError(f"invalid training setting: {e}", "see `avdsl train --help`") from None
 
 
 def _default_run_dir(name: str, resume: bool) -> str:
@@ -82,19 +88,17 @@ def _default_run_dir(name: str, resume: bool) -> str:
         previous = sorted(base.glob(f"{safe}-*"))
         if previous:
             return str(previous[-1])
-        raise SpecError(Loc("<options>"), f"--resume: no earlier run of '{name}' under runs/", "pass --run-dir DIR of the run to continue")
+        raise CommandError(f"--resume: no earlier run of '{name}' under runs/", "pass --run-dir DIR of the run to continue")
     return str(base / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict) -> dict:
+def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict, log_to_stderr: bool = False) -> dict:
     """Build and train in this process (called directly, or once per rank by `--nproc`)."""
     import torch
 
-    from ..compiler import compile_graph
-    from ..runtime.train import setup_distributed, train
-
-    from ..compiler import device_memory
+    from ..compiler import compile_graph, device_memory
     from ..passes.memory import check_fits
+    from ..runtime.train import setup_distributed, train
 
     info = setup_distributed()
     analysis = analyse_doc(load_file(spec, overrides))
@@ -106,7 +110,7 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     train_set, val_set = _datasets(model, data, sizes["train_size"], sizes["val_size"], config.seed,
                                    materialize=data == "synthetic" and config.workers == 0)
     summary = train(model, train_set, val_set, config, model.spec_text, model.spec_hash,
-                    console=out if info.is_main else None)
+                    console=(err if log_to_stderr else out) if info.is_main else None)
     return summary.to_dict()
 
 
@@ -125,14 +129,14 @@ def _check_device(name: str | None) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise SpecError(Loc("<options>"), f"--device {name!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+        raise CommandError(f"--device {name!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return
     if device.type != "cuda":
-        raise SpecError(Loc("<options>"), f"--device {name!r}: only cpu and cuda devices are supported", "use auto, cpu, cuda or cuda:N")
+        raise CommandError(f"--device {name!r}: only cpu and cuda devices are supported", "use auto, cpu, cuda or cuda:N")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if (device.index or 0) >= count:
-        raise SpecError(Loc("<options>"), f"--device {name!r}: this machine has {count} CUDA device{'s' if count != 1 else ''}",
+        raise CommandError(f"--device {name!r}: this machine has {count} CUDA device{'s' if count != 1 else ''}",
                         "use --device auto or cpu" + (f", or cuda:0 .. cuda:{count - 1}" if count else ""))
 
 
@@ -142,23 +146,22 @@ _VIRTUAL_FILESYSTEMS = ("/proc", "/sys", "/dev")
 def _check_run_dir(run_dir: str) -> None:
     """The run directory must be a directory this process can create and write files in."""
     path = Path(run_dir)
-    where = Loc("<options>")
     hint = "pass --run-dir pointing at a writable folder (it is created if missing)"
     try:
         real = path.resolve()
     except (OSError, RuntimeError, ValueError):
-        raise SpecError(where, f"--run-dir {run_dir!r} is not a usable path", hint) from None
+        raise CommandError(f"--run-dir {run_dir!r} is not a usable path", hint) from None
     if any(real == Path(v) or real.is_relative_to(v) for v in _VIRTUAL_FILESYSTEMS):
-        raise SpecError(where, f"--run-dir {run_dir!r} lies in {real.parts[1] and '/' + real.parts[1]}, not on a disk", hint)
+        raise CommandError(f"--run-dir {run_dir!r} lies in {real.parts[1] and '/' + real.parts[1]}, not on a disk", hint)
     if path.exists() and not path.is_dir():
-        raise SpecError(where, f"--run-dir {run_dir!r} exists and is not a directory", hint)
+        raise CommandError(f"--run-dir {run_dir!r} exists and is not a directory", hint)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise SpecError(where, f"--run-dir {run_dir!r} cannot be written: {e.strerror or e}", hint) from None
+        raise CommandError(f"--run-dir {run_dir!r} cannot be written: {e.strerror or e}", hint) from None
 
 
 class _Terminated(Exception):
@@ -173,15 +176,14 @@ def _worker(spec, overrides, options, data, sizes):  # module level: started onc
     _train_process(spec, overrides, options, data, sizes)
 
 
-@app.command("train")
 def train_command(
-    spec: str = typer.Argument(..., help="A spec file or built-in name, e.g. `tiny/zorro`."),
+    spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value (repeatable)."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` (embedded, generated) or a .csv/.jsonl manifest of media files."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=limits.MAX_STEPS, help="Optimizer steps (default: the spec's `train.steps`)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=limits.MAX_BATCH, help="Per-process batch size."),
     lr: Optional[float] = typer.Option(None, "--lr", callback=_learning_rate, help="Peak learning rate (AdamW, warmup + cosine)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 (autocast)."),
+    precision: Optional[Precision] = typer.Option(None, "--precision", help="Training precision (bf16: autocast; default: the spec's `train.precision`)."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where checkpoints, metrics.jsonl, curves.png and summary.json go."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of --run-dir (or of the newest run of this spec)."),
@@ -194,6 +196,7 @@ def train_command(
     nproc: int = typer.Option(1, "--nproc", min=1, max=limits.MAX_NPROC, help="Data-parallel processes on this machine (DDP; gloo on CPU, nccl on GPU)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, max=limits.MAX_SYNTHETIC_CLIPS, help="Synthetic clips in the training split."),
     val_size: Optional[int] = typer.Option(None, "--val-size", min=1, max=limits.MAX_SYNTHETIC_CLIPS, help="Synthetic clips in the held-out split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout (progress goes to stderr)."),
 ) -> None:
     """Train SPEC and print live progress, held-out metrics before and after, and a summary.
 
@@ -215,16 +218,16 @@ def train_command(
     previous = signal.signal(signal.SIGTERM, _terminate_early)  # until the loop installs its own handler
     try:
         _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
-               checkpoint_every, workers, skip_nonfinite, device, nproc, train_size, val_size)
+               checkpoint_every, workers, skip_nonfinite, device, nproc, train_size, val_size, as_json)
     except _Terminated:
-        err.print("[bold red]error[/]: terminated (SIGTERM) before training started; no checkpoint was written")
-        raise typer.Exit(143)
+        raise CommandError("terminated (SIGTERM) before training started; no checkpoint was written",
+                           "nothing to resume: start the run again", 143) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
-           checkpoint_every, workers, skip_nonfinite, device, nproc, train_size, val_size) -> None:
+           checkpoint_every, workers, skip_nonfinite, device, nproc, train_size, val_size, as_json) -> None:
     doc = load_file(spec, set_ or [])
     analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts (and before torch loads)
     _check_device(device)
@@ -232,34 +235,34 @@ def _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir
 
     spec_train = analysis.spec.train
     sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
-    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision, "compile": compile_,
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision.value if precision else None, "compile": compile_,
                "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "workers": workers,
                "device": device, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
                "run_dir": run_dir or _default_run_dir(analysis.spec.name, resume)}
     _check_run_dir(options["run_dir"])
-    out.print(f"training [bold]{escape(analysis.spec.name)}[/] ({escape(doc.file)}) -> {escape(options['run_dir'])}")
+    (err if as_json else out).print(f"training [bold]{escape(analysis.spec.name)}[/] ({escape(doc.file)}) -> {escape(options['run_dir'])}")
     try:
         if nproc > 1:
             launch(nproc, _worker, spec, set_ or [], options, data, sizes)
             summary_path = Path(options["run_dir"]) / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         else:
-            summary = _train_process(spec, set_ or [], options, data, sizes)
+            summary = _train_process(spec, set_ or [], options, data, sizes, log_to_stderr=as_json)
     except NonFiniteLoss as e:
-        err.print(f"[bold red]error[/]: {escape(str(e))}")
-        err.print("hint: lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
-                  "the last good checkpoint is kept (resume with --resume)")
-        raise typer.Exit(EXIT_FINDINGS)
-    except (CheckpointMismatch, CheckpointCorrupt) as e:
-        err.print(f"[bold red]error[/]: {escape(str(e))}")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(str(e), "lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
+                           "the last good checkpoint is kept (resume with --resume)", EXIT_FINDINGS) from None
+    except CheckpointMismatch as e:
+        raise CommandError(str(e), "train it from scratch with another --run-dir", EXIT_BAD_SPEC) from None
+    except CheckpointCorrupt as e:
+        raise CommandError(f"the checkpoint cannot be read: {e}", "it is damaged or incomplete: move it away, or pass "
+                           "another --run-dir", EXIT_BAD_SPEC) from None
     except CheckpointWriteError as e:
-        err.print(f"[bold red]error[/]: {escape(str(e))}")
-        raise typer.Exit(EXIT_FINDINGS)
+        raise CommandError(str(e), "free disk space or pass another --run-dir; earlier checkpoints are intact",
+                           EXIT_FINDINGS) from None
     except FileExistsError as e:
-        err.print(f"[bold red]error[/]: {escape(str(e))}")
-        err.print("hint: pass --resume to continue that run, or another --run-dir")
-        raise typer.Exit(EXIT_BAD_SPEC)
+        raise CommandError(str(e), "pass --resume to continue that run, or another --run-dir") from None
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
     if summary.get("interrupted"):
         raise typer.Exit(130)
 
@@ -290,7 +293,6 @@ def _load_run(checkpoint: str, set_: list):
     return analysis, model, path
 
 
-@app.command("eval")
 def eval_command(
     checkpoint: str = typer.Argument(..., help="A run directory (its newest checkpoint) or a step-* checkpoint folder."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` or a manifest; the held-out (val) split is used."),
@@ -320,10 +322,9 @@ def eval_command(
     out.print(table)
 
 
-@app.command("export")
 def export_command(
     checkpoint: str = typer.Argument(..., help="A run directory or a step-* checkpoint folder."),
-    format: str = typer.Option("torch-export", "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
+    format: ExportFormat = typer.Option(ExportFormat.torch_export, "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: model.pt2 / model.onnx in the checkpoint folder)."),
     batch: int = typer.Option(2, "--batch", min=1, max=limits.MAX_BATCH, help="Example batch size used for tracing."),
 ) -> None:
@@ -333,17 +334,14 @@ def export_command(
     from ..runtime.train import ExportError, export
     from ..runtime.trial import random_batch
 
-    if format not in ("torch-export", "onnx"):
-        raise SpecError(Loc("<options>"), f"--format {format!r} is not supported", "use torch-export or onnx")
     _, model, path = _load_run(checkpoint, [])
     model.eval()
     example = random_batch(model.inputs, batch)
-    target = Path(output) if output else path / ("model.pt2" if format == "torch-export" else "model.onnx")
+    target = Path(output) if output else path / ("model.pt2" if format == ExportFormat.torch_export else "model.onnx")
     try:
-        written = export(model, example, target, format)
+        written = export(model, example, target, format.value)
     except ExportError as e:
-        err.print(f"[bold red]error[/]: {escape(str(e))}")
-        raise typer.Exit(EXIT_FINDINGS)
+        raise CommandError(str(e), "see `avdsl export --help`", EXIT_FINDINGS) from None
     with torch.no_grad():
         _ = model(**example)
     out.print(f"wrote {escape(str(written))}")

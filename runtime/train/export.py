@@ -76,31 +76,30 @@ def export(
     return path
 
 
-def _export_program(wrapper: PositionalModel, args: tuple, path: Path) -> None:
+def _program(wrapper: PositionalModel, args: tuple) -> torch.export.ExportedProgram:
+    """``torch.export`` of the wrapper, with a dynamic batch dim when the model allows one."""
     batch = torch.export.Dim("batch", min=1)
     # forward(*inputs) has one (variadic) parameter, hence the outer 1-tuple
     dynamic = (tuple({0: batch} if a.dim() > 0 else None for a in args),)
     try:
-        program = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
+        return torch.export.export(wrapper, args, dynamic_shapes=dynamic)
     except Exception:  # the model fixes its batch size somewhere: export it static
-        program = torch.export.export(wrapper, args)
+        return torch.export.export(wrapper, args)
+
+
+def _export_program(wrapper: PositionalModel, args: tuple, path: Path) -> None:
     names = {"inputs": wrapper.input_names, "outputs": wrapper.output_names}
-    torch.export.save(program, str(path), extra_files={NAMES_FILE: json.dumps(names)})
+    torch.export.save(_program(wrapper, args), str(path), extra_files={NAMES_FILE: json.dumps(names)})
 
 
 def _export_onnx(wrapper: PositionalModel, args: tuple, path: Path) -> None:
-    if importlib.util.find_spec("onnx") is None:
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
         raise ExportError(
-            "ONNX export needs the onnx package, which is not installed: pip install avdsl[onnx]"
+            "ONNX export needs the onnx and onnxscript packages, which are not installed: pip install avdsl[onnx]"
         )
-    torch.onnx.export(
-        wrapper,
-        args,
-        str(path),
-        input_names=wrapper.input_names,
-        output_names=wrapper.output_names,
-        dynamic_axes={n: {0: "batch"} for n in wrapper.input_names + wrapper.output_names},
-    )
+    # the exporter of current torch (dynamo=True) translates the same exported program as torch-export
+    torch.onnx.export(_program(wrapper, args), f=str(path), input_names=wrapper.input_names,
+                      output_names=wrapper.output_names, dynamo=True, external_data=False)
 
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, list[str], list[str]]:
