@@ -311,7 +311,7 @@ BAD_COMMANDS = [
     ["build", "tiny/zorro", "--set", "name=a\nb: 1"], ["build", "tiny/zorro", "--set", "na\nme=x"],
     ["build", "tiny/zorro", "--set", "name=\x1b[31mred"], ["build", "tiny/zorro", "--set", "extends=mbt"],
     ["build", "tiny/zorro", "--set", "vars=" + "{a: " * 100 + "1" + "}" * 100],
-    ["build", "\x00"], ["build", "x" * 100_000], ["build", "-"], ["build", "tiny/zorro", "--precision", "fp8", "--compile"],
+    ["build", "\x00"], ["build", "x" * 100_000], ["build", "tiny/zorro", "--precision", "fp8", "--compile"],
     ["eval", "no-such-run"], ["eval", "/dev/null"], ["eval", "tiny/zorro", "--batches", "0"],
     ["eval", "tiny/zorro", "--batch-size", "0"], ["export", "no-such-run", "--batch", "0"],
     ["graph", "tiny/zorro", "-o", "missing-folder/x.png"], ["masks", "tiny/zorro", "-o", "missing-folder/x.png"],
