@@ -16,9 +16,8 @@ from .diagnostics import Loc, SpecError, did_you_mean
 from .ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, InputNode, LatentNode, LossNode,
                  PositionNode, RestoreNode, TokenizeNode, TypeEmbedNode)
 from .routing import plan_pass
+from .limits import MAX_LOSS_WEIGHT
 from .spec import Spec
-
-MAX_LOSS_WEIGHT = 1e6
 
 
 class _Names:

@@ -21,7 +21,7 @@ from rich.text import Text
 from .api import Analysis, analyse, analyse_doc
 from .diagnostics import Loc, SpecError
 from .ir import EncoderNode
-from .limits import MAX_SPEC_BYTES
+from .limits import GIT_TIMEOUT_S, MAX_SPEC_BYTES
 from .loader import decode_spec, load_text, resolve_spec_path
 from .passes.cost import Cost, by_component
 from .summary import _human, streams_table
@@ -30,7 +30,6 @@ VALUE_SECTIONS = ("vars", "dims", "inputs", "train")
 
 
 REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./~^@{}+-]*")  # never starts with '-': cannot be a git option
-GIT_TIMEOUT_S = 30
 
 
 def load_side(ref: str, overrides: list[str] = ()) -> Analysis:

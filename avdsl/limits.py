@@ -3,6 +3,8 @@
 A spec, a command line, a manifest or a checkpoint may come from anyone. Each quantity that could make
 avdsl spend unbounded memory or time is checked against one of these limits *before* the work is done,
 and a value over a limit is refused with a message (exit code 2), never truncated silently.
+The training limits are repeated as `maximum`s in ``schema.json`` (JSON cannot import them); a test
+checks that the two agree.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ MAX_EXTENDS = 16  # specs in one `extends:` chain
 MAX_SET_CHARS = 10_000  # one `--set key=value` item
 MAX_EXPR_CHARS = 2000  # one expression, routing rule or input declaration
 MAX_NUMBER_DIGITS = 30  # digits of a number written in an expression (Python refuses > 4300 anyway)
+MAX_ARGUMENT = 1e6  # size of a number argument of an operator that has no narrower range of its own
+MAX_LOSS_WEIGHT = 1e6  # size of the weight of a loss term (after multiplying out `a * b * loss(...)`)
 
 # ----------------------------------------------------------------------------- model sizes
 MAX_SIZE = 10_000_000  # any whole-number size: a dim, a token count, classes, vocab, a layer width
@@ -36,8 +40,10 @@ MAX_STEPS = 1_000_000_000
 MAX_BATCH = 65_536  # per-process batch size
 MAX_SYNTHETIC_CLIPS = 10_000_000  # train_size / val_size of the synthetic data
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_EVAL_BATCHES = 1_000_000
 MAX_NPROC = 1024
 MAX_WORKERS = 256
 MAX_LR = 1_000.0
 MATERIALIZE_BYTES = 2 * 1024**3  # synthetic clips are pre-rendered into memory only below this total
+GIT_TIMEOUT_S = 30.0  # one `git cat-file` of `diff FILE@REV`
 STOP_GRACE_S = 30.0  # after SIGTERM/SIGINT, a step that does not finish within this is abandoned

@@ -11,7 +11,7 @@ from typing import Callable
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
-from .limits import MAX_SIZE
+from .limits import MAX_ARGUMENT, MAX_SIZE
 
 Shape = tuple
 
@@ -103,7 +103,7 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
             number = float(value.value)
         else:
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a number", f"usage: {usage(op)}")
-        low, high, low_open, high_open = FLOAT_RANGES.get(p.name, (-1e6, 1e6, False, False))
+        low, high, low_open, high_open = FLOAT_RANGES.get(p.name, (-MAX_ARGUMENT, MAX_ARGUMENT, False, False))
         if number < low or number > high or (low_open and number == low) or (high_open and number == high):
             want = f"{'more than' if low_open else 'at least'} {low:g} and {'less than' if high_open else 'at most'} {high:g}"
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() is {number:g}; it must be {want}", f"usage: {usage(op)}")
@@ -130,7 +130,7 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
     return value
 
 
-# (low, high, low excluded, high excluded) of float arguments, by name; others lie within +-1e6
+# (low, high, low excluded, high excluded) of float arguments, by name; others lie within +-MAX_ARGUMENT
 FLOAT_RANGES = {
     "tau": (0.0, 100.0, True, False),  # a temperature divides the logits
     "gamma": (0.0, 100.0, False, False),

@@ -649,3 +649,17 @@ def test_memory_estimate_grows_with_the_model():
     assert a.total < 1024**3 < b.total
     assert b.weights_bytes == 16 * huge.cost.total_params
     assert estimate(small.graph, small.cost, 8, False).total < a.total
+
+
+def test_schema_maxima_agree_with_the_limits():
+    from avdsl import limits
+    from avdsl.schema import schema
+
+    train = schema()["$defs"]["train"]["properties"]
+    assert train["batch_size"]["maximum"] == limits.MAX_BATCH
+    assert train["steps"]["maximum"] == limits.MAX_STEPS
+    assert train["seed"]["maximum"] == limits.MAX_SEED
+    assert train["workers"]["maximum"] == limits.MAX_WORKERS
+    assert train["lr"]["maximum"] == limits.MAX_LR
+    assert train["eval_batches"]["maximum"] == limits.MAX_EVAL_BATCHES
+    assert train["train_size"]["maximum"] == train["val_size"]["maximum"] == limits.MAX_SYNTHETIC_CLIPS

@@ -296,7 +296,7 @@ def _load_run(checkpoint: str, set_: list):
 def eval_command(
     checkpoint: str = typer.Argument(..., help="A run directory (its newest checkpoint) or a step-* checkpoint folder."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` or a manifest; the held-out (val) split is used."),
-    batches: int = typer.Option(8, "--batches", min=1, max=1_000_000, help="Evaluation batches."),
+    batches: int = typer.Option(8, "--batches", min=1, max=limits.MAX_EVAL_BATCHES, help="Evaluation batches."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=limits.MAX_BATCH),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
