@@ -210,8 +210,8 @@ def test_spec_path_with_newline_never_becomes_code(tmp_path, run, monkeypatch):
     assert not marker.exists()
 
 
-def test_generated_comments_escape_every_control_character():
-    from avdsl.codegen import comment
+def test_generated_comments_replace_every_control_character():
+    from avdsl.codegen import comment_text as comment
 
     for text in ("a\nb", "a\rb", "a\x0cb", "a\u2028b", "a\x1b[31mb", "a\x00b"):
         assert "\n" not in comment(text) and "\r" not in comment(text) and comment(text).isprintable()
