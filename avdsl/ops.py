@@ -187,6 +187,16 @@ FLOAT_RANGES = {
 }
 
 
+# where a raw input of a non-signal kind may be passed: (operator, argument) -> the kinds allowed there
+INPUT_ARGUMENTS = {("ce", "target"): ("label",), ("bce", "target"): ("multilabel",), ("next_token", "tokens"): ("text",),
+                   ("patches", "x"): ("fbank", "image", "video")}
+SIGNAL_KINDS = ("fbank", "image", "video", "waveform")
+INPUT_EXAMPLES = {"ce": "e.g. `ce(logits, label)` with `label[B]: label(10)`",
+                   "bce": "e.g. `bce(logits, labels)` with `labels[B, 527]: multilabel(527)`",
+                   "next_token": "e.g. `next_token(logits, caption)` with `caption[B, 16]: text`",
+                   "patches": "e.g. `patches(fbank, [16, 16])`"}
+
+
 def usage(op: OpDef) -> str:
     parts = []
     for p in op.params:

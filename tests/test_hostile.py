@@ -629,13 +629,16 @@ def test_sigterm_during_a_step_that_never_ends_exits_promptly():
 # --------------------------------------------------------------------------- memory, before building
 
 HUGE = BASE.replace("width: 32", "width: 65536").replace("depth: 2", "depth: 1024")
+BIG_INPUT = BASE.replace("fbank[B, 32, 16]", "fbank[B, 1000000, 1000]").replace("patch2d(8, 8)", "patch2d(1000, 1000)")
 
 
-@pytest.mark.parametrize("argv", [["build", "{spec}", "--compile"], ["train", "{spec}", *SMALL, "--run-dir", "{run}"]],
-                         ids=["build --compile", "train"])
-def test_a_model_that_cannot_fit_is_refused_before_building(argv, tmp_path, run):
+@pytest.mark.parametrize("text, argv", [(HUGE, ["build", "{spec}", "--compile"]),
+                                        (HUGE, ["train", "{spec}", *SMALL, "--run-dir", "{run}"]),
+                                        (BIG_INPUT, ["build", "{spec}", "--compile", "--batch", "64"])],
+                         ids=["huge model: build --compile", "huge model: train", "huge inputs: build --compile"])
+def test_a_model_that_cannot_fit_is_refused_before_building(text, argv, tmp_path, run):
     spec = tmp_path / "huge.yaml"
-    spec.write_text(HUGE)
+    spec.write_text(text)
     line = one_error(*run(*[a.format(spec=spec, run=tmp_path / "run") for a in argv]))
     assert "would need about" in line and "GiB" in line, line
 

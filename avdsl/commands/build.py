@@ -76,10 +76,12 @@ def build_command(
 def _compile_and_run(analysis, batch: int, precision: str) -> dict:
     import torch
 
-    from ..compiler import compile_graph
+    from ..compiler import compile_graph, device_memory
+    from ..passes.memory import check_fits
     from ..runtime import compile_cache
     from ..runtime.trial import random_batch, timed_step
 
+    check_fits(analysis.graph, analysis.cost, batch, True, device_memory("cpu"))  # a training step at this batch
     model = compile_graph(analysis.graph)
     model.train()
     data = random_batch(model.inputs, batch)

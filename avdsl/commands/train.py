@@ -114,6 +114,14 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     return summary.to_dict()
 
 
+def _fits(analysis, batch: int) -> None:
+    """Refuse a batch whose inputs and activations cannot fit, before they are allocated."""
+    from ..compiler import device_memory
+    from ..passes.memory import check_fits
+
+    check_fits(analysis.graph, analysis.cost, batch, False, device_memory("cpu"))
+
+
 def _learning_rate(value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and 0 < value <= limits.MAX_LR):
         raise typer.BadParameter(f"{value} is not a learning rate: it must be a number above 0 and at most {limits.MAX_LR:g}")
@@ -307,6 +315,7 @@ def eval_command(
     from ..runtime.train import evaluate
 
     analysis, model, path = _load_run(checkpoint, [])
+    _fits(analysis, batch_size)
     stored = analysis.spec.train
     val_size = min(max(batches * batch_size, stored.get("val_size", 0)), limits.MAX_SYNTHETIC_CLIPS)
     _, val_set = _datasets(model, data, 0, val_size, stored.get("seed", 0), False)
@@ -334,7 +343,8 @@ def export_command(
     from ..runtime.train import ExportError, export
     from ..runtime.trial import random_batch
 
-    _, model, path = _load_run(checkpoint, [])
+    analysis, model, path = _load_run(checkpoint, [])
+    _fits(analysis, batch)
     model.eval()
     example = random_batch(model.inputs, batch)
     target = Path(output) if output else path / ("model.pt2" if format == ExportFormat.torch_export else "model.onnx")

@@ -268,28 +268,18 @@ def call_bound(node: CallNode, graph: Graph) -> ops.Bound:
     return b
 
 
-# where a raw input of a non-signal kind may be passed: (operator, argument) -> the kinds allowed there
-INPUT_ARGUMENTS = {("ce", "target"): ("label",), ("bce", "target"): ("multilabel",), ("next_token", "tokens"): ("text",),
-                   ("patches", "x"): ("fbank", "image", "video")}
-SIGNAL_KINDS = ("fbank", "image", "video", "waveform")
-_INPUT_EXAMPLES = {"ce": "e.g. `ce(logits, label)` with `label[B]: label(10)`",
-                   "bce": "e.g. `bce(logits, labels)` with `labels[B, 527]: multilabel(527)`",
-                   "next_token": "e.g. `next_token(logits, caption)` with `caption[B, 16]: text`",
-                   "patches": "e.g. `patches(fbank, [16, 16])`"}
-
-
 def _check_input_kinds(node: CallNode, graph: Graph) -> None:
     """Class indices, label sets and token ids are targets, not features: an input of such a kind may
     only be the target of its loss; a target or patches() argument must be an input of the right kind."""
     inputs = graph.spec.inputs
     for param, tensor in zip(node.tensor_params, node.inputs):
-        allowed = INPUT_ARGUMENTS.get((node.op, param))
+        allowed = ops.INPUT_ARGUMENTS.get((node.op, param))
         decl = inputs.get(tensor)
         if allowed is not None and (decl is None or decl.kind not in allowed):
             what = f"input '{decl.name}' is {decl.kind}" if decl is not None else f"'{tensor}' is not an input"
             raise SpecError(node.loc, f"{node.op}(): argument '{param}' must be an input of kind {' or '.join(allowed)}; {what}",
-                            _INPUT_EXAMPLES[node.op])
-        if allowed is None and decl is not None and decl.kind not in SIGNAL_KINDS:
+                            ops.INPUT_EXAMPLES[node.op])
+        if allowed is None and decl is not None and decl.kind not in ops.SIGNAL_KINDS:
             raise SpecError(node.loc, f"{node.op}() cannot take input '{decl.name}': it is {decl.kind} (indices, not features)",
                             "use it as the target of a loss, e.g. `ce(logits, label)`; tokenize text with a stream")
 
