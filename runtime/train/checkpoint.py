@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import distributed
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "spec.yaml", "meta.json")
 LATEST_POINTER = "latest"
@@ -46,6 +46,15 @@ class CheckpointMismatch(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint's files cannot be read back (truncated, tampered with, not what they claim)."""
+
+
+# what writing a checkpoint raises on a full or failing disk: OSError from Python's own writes,
+# RuntimeError from torch.save ("PytorchStreamWriter failed writing file"), SafetensorError from save_model
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -223,10 +232,10 @@ def save_checkpoint(
             os.replace(temp, final)
         _fsync_dir(run_dir)
         _update_latest_pointer(run_dir, name)
-    except OSError as error:
+    except _WRITE_ERRORS as error:
         shutil.rmtree(temp, ignore_errors=True)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
-        if error.errno == errno.ENOSPC:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or _disk_full(run_dir):
             raise CheckpointWriteError(
                 f"out of disk space while writing checkpoint {name} in {run_dir}; {kept}. "
                 "Free some space (or lower keep_checkpoints) and resume."
@@ -237,6 +246,14 @@ def save_checkpoint(
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _disk_full(folder: Path) -> bool:
+    """True when the file system holding ``folder`` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
@@ -268,7 +285,7 @@ def is_complete(path: str | os.PathLike) -> bool:
     if not all((path / name).is_file() for name in CHECKPOINT_FILES):
         return False
     try:
-        json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        read_meta(path)
     except (OSError, ValueError):
         return False
     return True
@@ -301,8 +318,14 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The meta.json of checkpoint ``path``."""
-    return json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+    """The meta.json of checkpoint ``path`` (a JSON object of at most MAX_JSON_BYTES)."""
+    from avdsl.limits import MAX_JSON_BYTES
+    from avdsl.loader import read_bounded
+
+    meta = json.loads(read_bounded(Path(path) / "meta.json", MAX_JSON_BYTES, "meta.json").decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta.json holds {type(meta).__name__}, not an object")
+    return meta
 
 
 def _check_shapes(path: Path, model: torch.nn.Module) -> None:
@@ -338,6 +361,15 @@ def load_checkpoint(
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (missing files)")
+    try:
+        return _load(path, model, optimizer, scheduler, spec_hash)
+    except (CheckpointMismatch, FileNotFoundError):
+        raise
+    except Exception as error:  # any failure to read untrusted files means the checkpoint is damaged
+        raise CheckpointCorrupt(f"{path}: {type(error).__name__}: {str(error)[:300]}") from error
+
+
+def _load(path: Path, model, optimizer, scheduler, spec_hash) -> LoadedCheckpoint:
     meta = read_meta(path)
     stored_hash = meta.get("spec_hash")
     if spec_hash is not None and stored_hash != spec_hash:

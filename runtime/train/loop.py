@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+
+from avdsl.limits import STOP_GRACE_S
 
 from .. import compile_cache, devices, regional
 from . import distributed
@@ -107,16 +111,37 @@ def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
 
-    def __init__(self):
+    A step that does not end within ``grace`` seconds of the signal (a data loader blocked on a file
+    that never delivers, a hung collective) does not keep the process alive: a watchdog ends it with
+    exit code 128 + the signal number, saying so. `acknowledge` (the loop saw the flag) disarms it."""
+
+    def __init__(self, grace: float = STOP_GRACE_S):
         self.requested = False
         self.previous = {}
+        self.grace = grace
+        self.watchdog: threading.Timer | None = None
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.requested:
+            raise KeyboardInterrupt  # a second signal: abort now
         self.requested = True
+        self.watchdog = threading.Timer(self.grace, self._give_up, args=(signum,))
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    @staticmethod
+    def _give_up(signum: int) -> None:
+        sys.stderr.write(f"error: the current step did not finish within the grace period after signal {signum}; "
+                         "stopping without a checkpoint (resume starts from the last one)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def acknowledge(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -125,6 +150,7 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
+        self.acknowledge()
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         return False
@@ -239,6 +265,16 @@ def train(
 
     def checkpoint(at_step: int, metrics: dict | None = None) -> Path | None:
         path = None
+        # a sharded parameter (FSDP's DTensor) is checked in this process's shard
+        broken = [name for name, p in model.named_parameters()
+                  if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+        if broken:  # never let NaN weights replace the last good checkpoint
+            good = find_latest(run_dir) if main else None
+            raise NonFiniteLoss(
+                f"after step {at_step} the parameters are not finite ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}); no checkpoint was written, "
+                + (f"the last good checkpoint is {good}." if good else "and none was written before."),
+                step=at_step, terms=broken[:3])
         # a sharded model is gathered by every process (keyed by name: resumable with any count)
         weights, optimizer_state = distributed.full_state(model, optimizer) if sharded else (None, None)
         if main:
@@ -334,6 +370,7 @@ def train(
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     last_path, last_saved = checkpoint(step, metrics), step
                 if flags.stop:
+                    stop.acknowledge()
                     interrupted = True
                     break
             loop_seconds = time.perf_counter() - loop_started
