@@ -379,14 +379,6 @@ def _same_rows(b: Bound, loc: Loc, a: str, c: str) -> None:
                    f"'{names[c]}' is {fmt(b[c])}", f"project both to one width, e.g. `linear({names[a]}, {b[c][-1]})`")
 
 
-def _swapped(b: Bound, loc: Loc, target: str) -> None:
-    """ce/bce/next_token take the logits first: a target input in the first place was swapped."""
-    first = b.decls.get("logits")
-    if first is not None and first.kind in ("label", "multilabel", "text"):
-        raise fail(loc, f"{b.op.name}() takes the logits first and the target second; '{first.name}' is the {first.kind} input",
-                   f"write `{b.op.name}({b.written.get(target, target)}, {first.name})`")
-
-
 def _nce_shape(b, loc):
     _same_rows(b, loc, "a", "b")
     return ()
@@ -409,7 +401,6 @@ def _mse_shape(b, loc):
 
 def _class_target(b: Bound, loc: Loc, kind: str, other: str) -> None:
     """ce/bce: the logits' class count and the target input's kind must match the target."""
-    _swapped(b, loc, "target")
     logits, decl = b["logits"], b.decls.get("target")
     if decl is not None and decl.classes and logits[-1] != decl.classes:
         raise fail(loc, f"{b.op.name}(): the logits have {logits[-1]} classes but '{decl.name}' has {decl.classes}",
@@ -432,7 +423,6 @@ def _bce_shape(b, loc):
 
 
 def _next_token_shape(b, loc):
-    _swapped(b, loc, "tokens")
     decl = b.decls.get("tokens")
     if decl is None or decl.kind != "text":
         raise fail(loc, "next_token() predicts the tokens of a text input", "pass the text input, e.g. `next_token(logits, caption)`")

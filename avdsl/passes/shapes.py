@@ -294,6 +294,12 @@ def _check_input_kinds(node: CallNode, graph: Graph) -> None:
             raise SpecError(node.loc, f"{node.op}(): argument '{param}' must be an input of kind {' or '.join(allowed)}; {what}",
                             ops.INPUT_EXAMPLES[node.op])
         if allowed is None and decl is not None and decl.kind not in ops.SIGNAL_KINDS:
+            target = next((p for p, t in zip(node.tensor_params, node.inputs) if p != param and decl.kind in
+                           ops.INPUT_ARGUMENTS.get((node.op, p), ())), None)
+            if target is not None:  # `ce(label, logits)`: the arguments are swapped
+                other = _written(graph, node.inputs[node.tensor_params.index(target)])
+                raise SpecError(node.loc, f"{node.op}() takes the {param} first and the {target} second; "
+                                f"'{decl.name}' is the {decl.kind} input", f"write `{node.op}({other}, {decl.name})`")
             raise SpecError(node.loc, f"{node.op}() cannot take input '{decl.name}': it is {decl.kind} (indices, not features)",
                             "use it as the target of a loss, e.g. `ce(logits, label)`; tokenize text with a stream")
 
