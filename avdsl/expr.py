@@ -329,12 +329,12 @@ def parse(text: str, start: str, loc: Loc):
         raise SpecError(loc, f"{what} nests too deeply", "simplify the expression") from None
 
 
-_RANGE_TYPO = re.compile(r"\s*(-?\w+)\s*(?:-|\.{3,}|\.|:|to|\s)\s*(-?\w+)\s*")
+_RANGE_TYPO = re.compile(r"\s*(-?[A-Za-z0-9_]+)\s*(?:-|\.{3,}|\.|:|to|\s)\s*(-?[A-Za-z0-9_]+)\s*", re.ASCII)
 
 
 def _check_range(text: str, start: str, col: int, loc: Loc) -> None:
-    """A syntax error inside a rule's layer range (after ``@``) is explained as a range: `@ 4-12`
-    means `@ 4..12`."""
+    """A syntax error inside a rule's layer range (after ``@``) that looks like a range written with
+    another separator is explained as one: `@ 4-12` means `@ 4..12`."""
     at = text.rfind("@", 0, col + 1)
     if start != "rule" or at < 0:
         return
@@ -343,9 +343,6 @@ def _check_range(text: str, start: str, col: int, loc: Loc) -> None:
     if m:
         raise SpecError(loc.shifted(col), f"a layer range is written with `..`, got `@{tail}`",
                         f"write `@ {m.group(1)}..{m.group(2)}` (layers {m.group(1)} up to, not including, {m.group(2)})")
-    raise SpecError(loc.shifted(col), f"unexpected {text[col:col + 1]!r} in the layer range `@{tail}`",
-                    "write `@ a..b` (half-open), `@ a..`, `@ ..b`, `@ a..b:step`, or `@ a` for one layer; flags and "
-                    "`via` come before `@`")
 
 
 def _expect_hint(expected, example: str) -> str:
