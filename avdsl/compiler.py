@@ -46,7 +46,7 @@ def _module_for(node, graph: Graph) -> nn.Module | None:
             return E.LearnedPosition(node.args["size"] or x.shape[1], width, node.args["norm"])
         if node.op == "factorized":
             return E.FactorizedPosition(x.grid, width, node.args["norm"])
-        return E.SinCos2dPosition(x.grid, width)
+        return E.SinCos2dPosition(x.grid, width, node.args["first"])
     if isinstance(node, TypeEmbedNode):
         return E.TypeEmbedding(t[node.inputs[0]].shape[-1])
     if isinstance(node, LatentNode):

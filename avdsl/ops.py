@@ -284,7 +284,9 @@ _add(OpDef("learned", "position", "Learned positional embedding, one row per tok
            (T("size", "int", 0), T("norm", "bool", False))))
 _add(OpDef("factorized", "position", "Learned factorised positions: one table per grid axis (time, height, width), summed and added; with `norm=true` the sum of tokens and positions is LayerNorm-ed (VATT).",
            (T("norm", "bool", False),)))
-_add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter.", ()))
+_add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter. "
+           "The first half of the channels encodes the grid column, as MAE's table; `first=rows` encodes the row first.",
+           (T("first", "name", "columns"),), choices={"first": ("columns", "rows")}))
 _add(OpDef("none", "position", "No positional encoding.", ()))
 # token dropping
 _add(OpDef("droptoken", "drop", "In training only, keep a random `1 - rate` fraction of the tokens (VATT's DropToken).",

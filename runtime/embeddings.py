@@ -102,9 +102,13 @@ class FactorizedPosition(nn.Module):
         return self.norm(x + self.table().unsqueeze(0))
 
 
-def sincos_2d(grid_h: int, grid_w: int, width: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions [H*W, D]: half the channels encode the row, half the column,
-    each as sin and cos of the position at geometrically spaced frequencies (MAE, CAV-MAE)."""
+def sincos_2d(grid_h: int, grid_w: int, width: int, first: str = "columns") -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions [H*W, D] for a row-major grid of H rows and W columns.
+
+    Half the channels encode the column, half the row, each as sin then cos of the position at
+    geometrically spaced frequencies 1 / 10000^(i / (D/4)). With ``first="columns"`` the column comes
+    first, the layout of MAE's ``get_2d_sincos_pos_embed`` (and so of CAV-MAE); ``first="rows"`` puts
+    the row first. The table is computed in float64 and rounded to float32, as MAE's is."""
     quarter = width // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
 
@@ -113,15 +117,16 @@ def sincos_2d(grid_h: int, grid_w: int, width: int) -> torch.Tensor:
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+    halves = [encode(cols), encode(rows)] if first == "columns" else [encode(rows), encode(cols)]
+    return torch.cat(halves, dim=1).float()
 
 
 class SinCos2dPosition(nn.Module):
     """Fixed 2-D sin-cos positions, kept as a frozen parameter (so checkpoints and counts include it)."""
 
-    def __init__(self, grid: tuple[int, int], width: int):
+    def __init__(self, grid: tuple[int, int], width: int, first: str = "columns"):
         super().__init__()
-        self.pos = nn.Parameter(sincos_2d(grid[0], grid[1], width).unsqueeze(0), requires_grad=False)
+        self.pos = nn.Parameter(sincos_2d(grid[0], grid[1], width, first).unsqueeze(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.pos
