@@ -324,8 +324,10 @@ _add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, aga
            (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True)), _mse_shape))
 _add(OpDef("ce", "loss", "Softmax cross-entropy against class indices.", (T("logits", "tensor"), T("target", "tensor"),
                                                                           T("label_smoothing", "float", 0.0)), _ce_shape))
-_add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label).", (T("logits", "tensor"), T("target", "tensor")),
-           lambda b, loc: ()))
+_add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label); `reduction=sum_classes` sums over classes "
+           "and averages over the batch (scenic, MBT) instead of averaging over both.",
+           (T("logits", "tensor"), T("target", "tensor"), T("reduction", "name", "mean")),
+           lambda b, loc: (), choices={"reduction": ("mean", "sum_classes")}))
 _add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding.",
            (T("logits", "tensor"), T("tokens", "tensor")), _next_token_shape))
 
