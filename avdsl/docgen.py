@@ -29,13 +29,20 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _table(obj: dict, root: dict, prefix: str) -> list[str]:
-    required = set(obj.get("required", ()))
-    rows = ["| key | type | required | description |", "|---|---|---|---|"]
+def _default(node: dict) -> str:
+    if "default" not in node:
+        return ""
+    value = node["default"]
+    return f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+
+def _table(obj: dict, root: dict, prefix: str, required: set) -> list[str]:
+    rows = ["| key | type | required | default | description |", "|---|---|---|---|---|"]
     for key, node in obj.get("properties", {}).items():
         desc = node.get("description") or (root["$defs"].get(node["$ref"].rsplit("/", 1)[1], {}).get("description", "")
                                             if "$ref" in node else "")
-        rows.append(f"| `{prefix}{key}` | {_type(node, root)} | {'yes' if key in required else ''} | {_cell(desc)} |")
+        rows.append(f"| `{prefix}{key}` | {_type(node, root)} | {'yes' if key in required else ''} | {_default(node)} "
+                    f"| {_cell(desc)} |")
     return rows
 
 
@@ -44,17 +51,21 @@ def spec_reference() -> str:
     root = schema()
     out = [HEADER + "# Spec reference", "", _cell(root.get("description", "")), "",
            "Editors: put `# yaml-language-server: $schema=<path or URL of avdsl/schema.json>` on the first line of a "
-           "spec for completion and checking (`avdsl schema > avdsl.schema.json` writes the schema).", "",
+           "spec for completion and checking (`avdsl schema -o avdsl.schema.json` writes the schema). A spec with "
+           "`extends:` may give only the keys it changes: *required* applies to a spec without `extends:` and to "
+           "every spec after merging.", "",
            "## Top level", ""]
-    out += _table(root, root, "")
+    defs = root["$defs"]
+    out += _table(root, root, "", set(root["then"]["required"]))
+    required = {"stream": set(), "encoder": set(defs["encoder_complete"]["required"]), "train": set()}
     for name, title in (("stream", "streams.NAME"), ("encoder", "encoders.NAME"), ("train", "train")):
-        node = root["$defs"][name]
+        node = defs[name]
         out += ["", f"## `{title}`", ""]
         if node.get("description"):
             out += [_cell(node["description"]), ""]
-        out += _table(node, root, "")
-        if name == "stream" and "oneOf" in node:
-            out += ["", "A stream has exactly one of " + ", ".join(f"`{o['required'][0]}`" for o in node["oneOf"]) + "."]
+        out += _table(node, root, "", required[name])
+        if name == "stream":
+            out += ["", "A stream has exactly one of " + ", ".join(f"`{o['required'][0]}`" for o in defs["stream_source"]["oneOf"]) + "."]
     out += ["", "## Operators", "", "Called in `streams` (tokenizer, position, drop, mask), `outputs` and `losses`.", ""]
     for category in ("tokenizer", "position", "drop", "pool", "project", "target", "loss"):
         out += [f"### {category}", "", "| operator | usage | what it does |", "|---|---|---|"]
