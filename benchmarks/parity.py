@@ -90,6 +90,72 @@ CAV_MAE_TABLES = (
 # modality-specific and decoder layer (only the joint layer uses them)
 CAV_MAE_UNUSED = r"(blocks_[av]|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)"
 
+# the fine-tuning model CAVMAEFT in its default "multimodal" mode: the encoder without masking, the
+# joint layer once over both modalities with its shared norms, mean pooling, LayerNorm, linear
+CAV_MAE_FT_WEIGHTS = (
+    *(row for row in CAV_MAE_WEIGHTS[:6]),
+    *(row for row in CAV_MAE_WEIGHTS if row[0].startswith("unimodal.")),
+    *((f"joint.blocks.shared.{{i}}.{a}.{w}", f"blocks_u.{{i}}.{b}.{w}", "copy")
+      for a, b in (("norm1.all", "norm1"), ("norm2.all", "norm2"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
+                   ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
+      for w in ("weight", "bias")),
+    *((f"joint.final.shared.all.{w}", f"norm.{w}", "copy") for w in ("weight", "bias")),
+    *((f"out_logits_1.{w}", f"mlp_head.0.{w}", "copy") for w in ("weight", "bias")),
+    *((f"out_logits.{w}", f"mlp_head.1.{w}", "copy") for w in ("weight", "bias")),
+)
+CAV_MAE_FT_TABLES = CAV_MAE_TABLES[:2]
+# in "multimodal" mode the per-modality norms of every layer and the final norms norm_a, norm_v go unused
+CAV_MAE_FT_UNUSED = r"(blocks_[avu]\.\d+\.norm[12]_[av]|norm_[av])\.(weight|bias)"
+CAV_MAE_FT_SPEC = """\
+avdsl: 1
+name: cav-mae-ft
+doc: CAV-MAE fine-tuning (the reference's CAVMAEFT, multimodal mode), for the parity check.
+inputs:
+  fbank[B, FRAMES, 128]: fbank
+  frame[B, 3, IMG, IMG]: image
+streams:
+  audio:
+    input: fbank
+    tokenizer: patch2d(16, 16)
+    position: sincos2d(first=rows)
+    type_embedding: true
+  video:
+    input: frame
+    tokenizer: patch2d(16, 16)
+    position: sincos2d()
+    type_embedding: true
+  a: {from: unimodal.audio}
+  v: {from: unimodal.video}
+encoders:
+  unimodal:
+    streams: [audio, video]
+    width: WIDTH
+    depth: 11
+    heads: HEADS
+    norm_eps: 1e-5
+    weights: per_stream
+    final_norm: false
+    routing: [audio <- audio, video <- video]
+  joint:
+    streams: [a, v]
+    width: WIDTH
+    depth: 1
+    heads: HEADS
+    norm_eps: 1e-5
+    routing: ["a, v <- a, v"]
+outputs:
+  logits: linear(layernorm(mean(joint.a, joint.v)), 527)
+"""
+
+
+def ft_spec(frames: int, img: int, width: int, heads: int) -> str:
+    """The fine-tuning spec at one size (the placeholders are whole words of the text above)."""
+    text = CAV_MAE_FT_SPEC
+    for key, value in (("FRAMES", frames), ("IMG", img), ("WIDTH", width), ("HEADS", heads)):
+        text = re.sub(rf"\b{key}\b", str(value), text)
+    return text
+
+
 # the spec at a CPU-friendly size that the reference can also be built at (it fixes 16 x 16
 # patches and 128 mel bins): 256 frames, a 64 x 64 frame, width 64, decoder 32 x 2 layers
 SMALL = {"img_size": 64, "audio_length": 256, "embed_dim": 64, "num_heads": 4,
@@ -231,63 +297,84 @@ class Capture:
 # ------------------------------------------------------------------------------ CAV-MAE
 
 
-def cav_mae(args) -> int:
-    reference_environment(args.timm)
-    package = Path(args.reference) / "src" / "models"
-    if not (package / "cav_mae.py").is_file():
-        raise SystemExit(f"{package / 'cav_mae.py'} not found: pass the root of a YuanGongND/cav-mae checkout")
-    with contextlib.redirect_stdout(sys.stderr):  # the reference prints its configuration
-        ref_module = import_package(package, "cav_mae_reference")
-        sizes = SMALL if args.size == "small" else {}
-        torch.manual_seed(args.seed)
-        ref = ref_module.CAVMAE(norm_pix_loss=True, **sizes).eval()
-    analysis = analyse_text(SMALL_SPEC if args.size == "small" else PAPER_SPEC, "<parity>", args.set)
-    model = compile_graph(analysis.graph).eval()
+@dataclass
+class Case:
+    """One reference model against one spec: how to build each, the tables, and what to compare."""
 
-    # random weights everywhere: the reference's own random init for matrices and tokens, and random
-    # norms and biases too (its init leaves them at 1 and 0, which would hide a swapped norm or bias)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if p.requires_grad and p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    reference_state = ref.state_dict()
+    title: str
+    build_reference: object  # (module, sizes) -> reference model
+    spec: str  # spec text at paper size; SMALL_TEXT replaces its sizes for --size small
+    weights: tuple
+    tables: tuple
+    unused: str
+    compare: object  # (ref, model, audio, imgs, layout, seed) -> {tensor name: relative difference}
+    small_spec: str = ""
 
-    fbank_len = sizes.get("audio_length", 1024)
-    img = sizes.get("img_size", 224)
-    grid_t, grid_f = fbank_len // 16, 128 // 16
-    tokens_t = swap_order(grid_f, grid_t)  # reference audio tokens (frequency-major) -> avdsl (time-major)
-    values_t = swap_order(16, 16)  # values within an audio patch (frequency, time) -> (time, frequency)
-    transforms = {
+
+@dataclass
+class Layout:
+    """How avdsl's token and value order differs from the reference's (the fbank's two axes)."""
+
+    tokens_t: torch.Tensor  # reference audio tokens (frequency-major) -> avdsl's (time-major)
+    values_t: torch.Tensor  # values within an audio patch (frequency, time) -> (time, frequency)
+    transforms: dict
+
+
+def layout_for(frames: int) -> Layout:
+    tokens_t, values_t = swap_order(128 // 16, frames // 16), swap_order(16, 16)
+    return Layout(tokens_t, values_t, {
         "copy": lambda t: t.clone(),
         "kernel_t": lambda t: t.transpose(-1, -2).contiguous(),
         "values_t": lambda t: t[values_t].clone(),
         "tokens_t": lambda t: t[:, tokens_t].clone(),
-    }
-    ported = port(model, reference_state, CAV_MAE_WEIGHTS, CAV_MAE_TABLES, CAV_MAE_UNUSED, transforms)
+    })
+
+
+def run_case(case: Case, args) -> int:
+    reference_environment(args.timm)
+    package = Path(args.reference) / "src" / "models"
+    if not (package / "cav_mae.py").is_file():
+        raise SystemExit(f"{package / 'cav_mae.py'} not found: pass the root of a YuanGongND/cav-mae checkout")
+    sizes = SMALL if args.size == "small" else {}
+    with contextlib.redirect_stdout(sys.stderr):  # the reference prints its configuration
+        ref_module = import_package(package, "cav_mae_reference")
+        torch.manual_seed(args.seed)
+        ref = case.build_reference(ref_module, sizes).eval()
+    text = case.small_spec if args.size == "small" else case.spec
+    model = compile_graph(analyse_text(text, "<parity>", args.set).graph).eval()
+
+    # random weights everywhere: the reference's own random init for matrices and tokens, and random
+    # norms and biases too (its init leaves them at 1 and 0, which would hide a swapped norm or bias)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    frames, img = sizes.get("audio_length", 1024), sizes.get("img_size", 224)
+    layout = layout_for(frames)
+    ported = port(model, ref.state_dict(), case.weights, case.tables, case.unused, layout.transforms)
     model.load_state_dict(ported.state)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
-    audio = torch.randn(args.batch, fbank_len, 128, generator=gen, dtype=torch.float64)
+    audio = torch.randn(args.batch, frames, 128, generator=gen, dtype=torch.float64)
     imgs = torch.randn(args.batch, 3, img, img, generator=gen, dtype=torch.float64)
-
     results: dict[str, dict] = {}
     for dtype in (torch.float64, torch.float32):
         ref.to(dtype)
         model.to(dtype)
-        a, v = audio.to(dtype), imgs.to(dtype)
         with default_dtype(dtype), torch.no_grad():
-            rows = compare_cav_mae(ref, model, a, v, tokens_t, values_t, transforms, args.seed)
+            rows = case.compare(ref, model, audio.to(dtype), imgs.to(dtype), layout, args.seed)
         for name, value in rows.items():
             results.setdefault(name, {})[dtype] = value
-    print(f"CAV-MAE ({args.size} size, batch {args.batch}) vs {args.reference}: "
+    print(f"{case.title} ({args.size} size, batch {args.batch}) vs {args.reference}: "
           f"max |avdsl - reference| / max |reference|")
-    print(f"  ported {len(ported.state) - len(CAV_MAE_TABLES)} tensors; {len(ported.unused)} reference "
-          f"tensors are never read by its forward (per-modality norms outside the joint layer)")
+    print(f"  ported {len(ported.state) - len(case.tables)} tensors; {len(ported.unused)} reference "
+          f"tensors are never read by this forward (per-modality LayerNorms the reference builds but does not use here)")
     return report(results)
 
 
-def compare_cav_mae(ref, model, audio, imgs, tokens_t, values_t, transforms, seed) -> dict:
+def compare_cav_mae(ref, model, audio, imgs, layout: Layout, seed: int) -> dict:
     """Run both models on the same inputs and noise; the relative difference of every compared tensor."""
+    tokens_t, values_t, transforms = layout.tokens_t, layout.values_t, layout.transforms
     n_a, n_v = tokens_t.numel(), ref.patch_embed_v.num_patches
     torch.manual_seed(seed)  # the reference draws its masking noise with torch.rand: audio, then video
     noise_a, noise_v = torch.rand(audio.shape[0], n_a), torch.rand(imgs.shape[0], n_v)
@@ -357,13 +444,45 @@ def report(results: dict) -> int:
     return 0
 
 
-MODELS = {"cav-mae": cav_mae}
+def compare_cav_mae_ft(ref, model, audio, imgs, layout: Layout, seed: int) -> dict:
+    """CAVMAEFT's multimodal forward against the fine-tuning spec: tokens, joint output, logits."""
+    tokens_t, transforms = layout.tokens_t, layout.transforms
+    n_a = tokens_t.numel()
+    hooks = Capture({"a": ref.blocks_a[-1], "v": ref.blocks_v[-1], "joint": ref.norm})
+    logits = ref(audio, imgs, "multimodal")
+    hooks.close()
+    ours = Capture({"uni": model.unimodal, "joint": model.joint})
+    out = model(fbank=audio, frame=imgs)
+    ours.close()
+    u, j, joint = ours.out["uni"], ours.out["joint"], hooks.out["joint"]
+    return {
+        "table audio_position": relative(model.audio_position.pos, transforms["tokens_t"](ref.pos_embed_a)),
+        "table video_position": relative(model.video_position.pos, ref.pos_embed_v),
+        "tokens unimodal.audio": relative(u["audio"], hooks.out["a"][:, tokens_t]),
+        "tokens unimodal.video": relative(u["video"], hooks.out["v"]),
+        "tokens joint.a": relative(j["a"], joint[:, :n_a][:, tokens_t]),
+        "tokens joint.v": relative(j["v"], joint[:, n_a:]),
+        "logits": relative(out["outputs"]["logits"], logits),
+    }
+
+
+CASES = {
+    "cav-mae": Case("CAV-MAE pretraining (CAVMAE)",
+                    lambda m, sizes: m.CAVMAE(norm_pix_loss=True, **sizes),
+                    PAPER_SPEC, CAV_MAE_WEIGHTS, CAV_MAE_TABLES, CAV_MAE_UNUSED, compare_cav_mae, SMALL_SPEC),
+    "cav-mae-ft": Case("CAV-MAE fine-tuning (CAVMAEFT, multimodal)",
+                       lambda m, sizes: m.CAVMAEFT(label_dim=527, **{k: v for k, v in sizes.items()
+                                                                        if not k.startswith("decoder")}),
+                       ft_spec(1024, 224, 768, 12), CAV_MAE_FT_WEIGHTS, CAV_MAE_FT_TABLES, CAV_MAE_FT_UNUSED,
+                       compare_cav_mae_ft, ft_spec(SMALL["audio_length"], SMALL["img_size"], SMALL["embed_dim"],
+                                                   SMALL["num_heads"])),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("model", choices=sorted(CASES))
     parser.add_argument("--reference", required=True, help="root of your checkout of the reference repository")
     parser.add_argument("--timm", help="folder holding the timm version the reference needs (pip install --target)")
     parser.add_argument("--size", choices=["paper", "small"], default="paper",
@@ -375,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= 64:
         parser.error("--batch must be between 1 and 64")
-    return MODELS[args.model](args)
+    return run_case(CASES[args.model], args)
 
 
 if __name__ == "__main__":
