@@ -1,6 +1,8 @@
 """Numerical parity of a shipped spec with its paper's public reference code, on your own checkout.
 
     python -m benchmarks.parity cav-mae --reference PATH [--timm PATH] [--size paper|small] [--batch 2] [--set K=V]
+    python -m benchmarks.parity cav-mae-ft --reference PATH [--timm PATH] ...
+    python -m benchmarks.parity mbt-cls --reference PATH [--jax PATH] ...        (see `benchmarks.parity_mbt`)
 
 Imports the reference model from PATH at run time (nothing of it is copied into avdsl), gives it
 random weights (norms and biases included), ports them into the avdsl model built from the spec
@@ -213,16 +215,19 @@ def swap_order(rows: int, cols: int) -> torch.Tensor:
     return torch.arange(rows * cols).view(rows, cols).T.reshape(-1)
 
 
-def expand(table, reference_keys) -> list[tuple[str, str, str]]:
-    """The table with ``{i}`` replaced by every layer index the reference has."""
+def expand(table, reference_keys) -> list[tuple[str, object, str]]:
+    """The table with ``{i}`` replaced by every layer index the reference has. A reference entry is one
+    name or a tuple of names that one avdsl tensor is made of (e.g. separate Q, K, V kernels)."""
     out = []
     for ours, theirs, how in table:
-        if "{i}" not in theirs:
+        first = theirs[0] if isinstance(theirs, tuple) else theirs
+        if "{i}" not in first:
             out.append((ours, theirs, how))
             continue
-        pattern = re.compile(re.escape(theirs).replace(re.escape("{i}"), r"(\d+)") + "$")
+        pattern = re.compile(re.escape(first).replace(re.escape("{i}"), r"(\d+)") + "$")
         for i in sorted({int(m.group(1)) for k in reference_keys if (m := pattern.match(k))}):
-            out.append((ours.replace("{i}", str(i)), theirs.replace("{i}", str(i)), how))
+            at = (lambda name, i=i: name.replace("{i}", str(i)))
+            out.append((at(ours), tuple(map(at, theirs)) if isinstance(theirs, tuple) else at(theirs), how))
     return out
 
 
@@ -239,15 +244,17 @@ def port(model, reference_state: dict, table, tables, unused_pattern: str, trans
     rows = expand(table, reference_state)
     state, used = {}, set()
     for name, theirs, how in rows:
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
         if name in state:
             raise SystemExit(f"the table sets {name} twice")
-        if name not in ours or theirs not in reference_state:
-            raise SystemExit(f"the table names {name if name not in ours else theirs}, which does not exist")
-        value = transforms[how](reference_state[theirs])
+        absent = [n for n in (name,) if n not in ours] + [n for n in names if n not in reference_state]
+        if absent:
+            raise SystemExit(f"the table names {absent[0]}, which does not exist")
+        value = transforms[how](*(reference_state[n] for n in names))
         if value.shape != ours[name].shape:
             raise SystemExit(f"{theirs} {tuple(value.shape)} does not fit {name} {tuple(ours[name].shape)}")
         state[name] = value
-        used.add(theirs)
+        used.update(names)
     compared = {name for name, _, _ in tables}
     missing = sorted(set(ours) - set(state) - compared)
     left = sorted(k for k in set(reference_state) - used - {t for _, t, _ in tables} if not re.fullmatch(unused_pattern, k))
@@ -482,9 +489,10 @@ CASES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted(CASES))
+    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls"]))
     parser.add_argument("--reference", required=True, help="root of your checkout of the reference repository")
-    parser.add_argument("--timm", help="folder holding the timm version the reference needs (pip install --target)")
+    parser.add_argument("--timm", help="cav-mae: folder holding the timm version the reference needs (pip install --target)")
+    parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
     parser.add_argument("--size", choices=["paper", "small"], default="paper",
                         help="paper: the shipped spec as it is; small: width 64 and 256 frames, quick on a CPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -494,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= 64:
         parser.error("--batch must be between 1 and 64")
+    if args.model == "mbt-cls":
+        from .parity_mbt import mbt_cls
+
+        return mbt_cls(args)
     return run_case(CASES[args.model], args)
 
 
