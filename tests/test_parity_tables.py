@@ -1,6 +1,7 @@
-"""The weight tables of the parity script (benchmarks/parity.py): every tensor of the avdsl model is set
-exactly once, or listed as a fixed table each side builds itself. Runs without the reference code: the
-reference's names are the ones the table gives, its tensors the avdsl model's own (on the meta device)."""
+"""The weight tables of the parity scripts (benchmarks/parity.py, parity_mbt.py): every tensor of the avdsl
+model is set exactly once, or listed as a fixed table each side builds itself, and the layout changes
+are right. Runs without the reference code: the reference's names are the ones the table gives, its
+tensors the avdsl model's own (on the meta device)."""
 from __future__ import annotations
 
 import re
@@ -10,7 +11,7 @@ import torch
 
 from avdsl.api import analyse, analyse_text
 from avdsl.compiler import compile_graph
-from benchmarks import parity
+from benchmarks import parity, parity_mbt
 
 
 def _reference_state(model, table, tables) -> dict:
@@ -52,3 +53,26 @@ def test_an_unknown_reference_tensor_is_listed():
 def test_swap_order_reads_a_frequency_major_grid_time_major():
     # reference order: token f * T + t (2 frequency rows x 3 time columns); avdsl: t * F + f
     assert parity.swap_order(2, 3).tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_mbt_table_names_every_tensor_of_mbt_cls_once():
+    model = compile_graph(analyse_text(parity_mbt.spec_text(parity_mbt.PAPER), "<parity>").graph, device="meta")
+    ours = list(model.state_dict())
+    named = []
+    for mine, _theirs, how in parity_mbt.MBT_WEIGHTS:
+        assert how in parity_mbt.TRANSFORMS
+        pattern = re.compile(re.escape(mine).replace(re.escape("{i}"), r"\d+") + "$")
+        named += [k for k in ours if pattern.match(k)]
+    assert sorted(named) == sorted(ours)  # each once, none missing
+
+
+def test_flax_layouts_become_torch_layouts():
+    t = parity_mbt.TRANSFORMS
+    q, k, v = (torch.randn(8, 2, 4) for _ in range(3))  # [D, heads, head_dim]
+    x = torch.randn(3, 8)
+    fused = t["qkv_kernel"](q, k, v)
+    assert torch.allclose(x @ fused.T, torch.cat([torch.einsum("nd,dhk->nhk", x, w).reshape(3, 8) for w in (q, k, v)], dim=1))
+    out = torch.randn(2, 4, 8)  # [heads, head_dim, D]
+    heads = torch.randn(3, 2, 4)
+    assert torch.allclose(heads.reshape(3, 8) @ t["out_kernel"](out).T, torch.einsum("nhk,hkd->nd", heads, out))
+
