@@ -6,84 +6,88 @@ tracebacks and ``torch.compile`` point at readable lines (``avdsl build --emit c
 """
 from __future__ import annotations
 
+import importlib
 import linecache
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import codegen
-from .ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, LatentNode, PositionNode, RestoreNode,
-                 TokenizeNode, TypeEmbedNode)
-from .passes.shapes import weight_sets
+from . import codegen, ops
+from .ir import CallNode, EncoderNode, Graph, visit
+from .passes.shapes import call_bound, weight_sets
 from .runtime import embeddings as E
-from .runtime import heads as H
-from .runtime import losses as L
 from .runtime.contracts import Classifier, EvalPlan, InputSpec, RetrievalPair
-from .runtime.encoder import StreamTransformer
+from .runtime.encoder import Attend, LayerSizes, StreamTransformer
 
 
-def _module_for(node, graph: Graph) -> nn.Module | None:
-    """The runtime module a node needs (None for nodes that are plain functions)."""
-    t = graph.tensors
-    spec = graph.spec
-    if isinstance(node, TokenizeNode):
-        a, x, out = node.args, t[node.inputs[0]], t[node.outputs[0]]
-        width = out.shape[-1]
-        kind = spec.inputs[node.inputs[0]].kind
-        channels = a.get("channels") or (x.shape[1] if kind in ("image", "video") else 1)
-        if node.op == "patch2d":
-            return E.PatchEmbed2d(channels, a["h"], a["w"], width)
-        if node.op == "tubelet":
-            return E.TubeletEmbed(channels, a["t"], a["h"], a["w"], width)
-        if node.op == "wave1d":
-            return E.WaveEmbed(a["k"], width)
-        return E.TextEmbed(a["vocab"], width, a["dim"], a["frozen"])
-    if isinstance(node, PositionNode):
-        x = t[node.inputs[0]]
-        width = x.shape[-1]
-        if node.op == "learned":
-            return E.LearnedPosition(node.args["size"] or x.shape[1], width, node.args["norm"])
-        if node.op == "factorized":
-            return E.FactorizedPosition(x.grid, width, node.args["norm"])
-        return E.SinCos2dPosition(x.grid, width, node.args["first"])
-    if isinstance(node, TypeEmbedNode):
-        return E.TypeEmbedding(t[node.inputs[0]].shape[-1])
-    if isinstance(node, LatentNode):
-        return E.LatentTokens(node.count, t[node.outputs[0]].shape[-1])
-    if isinstance(node, DropNode):
-        n = t[node.inputs[0]].shape[1]
-        return E.DropToken(node.rate, n) if node.op == "droptoken" else E.RandomMask(node.rate, n)
-    if isinstance(node, (RestoreNode, FromNode)) and node.share:
-        return None  # runs the module of the stream it shares (see `codegen.module_attr`)
-    if isinstance(node, RestoreNode):
-        return E.Restore(t[node.outputs[0]].shape[-1])
-    if isinstance(node, FromNode):
-        w_in, w_out = t[node.inputs[0]].shape[-1], t[node.outputs[0]].shape[-1]
-        return nn.Linear(w_in, w_out) if w_in != w_out else None
+def resolve(target: str):
+    """The runtime object a catalogue entry names: ``"heads.MLP"`` in `avdsl.runtime`, or ``"torch.nn.Linear"``."""
+    module, name = target.rsplit(".", 1)
+    path = module if module.split(".")[0] == "torch" else f"{__package__}.runtime.{module}"
+    return getattr(importlib.import_module(path), name)
 
-    if isinstance(node, EncoderNode):
-        return build_encoder(node, graph)
-    if isinstance(node, CallNode) and node.op in codegen.MODULE_OPS:
-        width = t[node.inputs[0]].shape[-1]
-        if node.op == "linear" and node.args.get("shared"):
-            return None  # runs the linear of the output it names (see `codegen._call_text`)
-        if node.op == "linear":
-            return nn.Linear(width, node.args["out"], bias=node.args["bias"])
-        if node.op == "mlp":
-            a = node.args
-            return H.MLP(width, a["sizes"], a["norm"], a["act"], a["bias"], a["final_norm"])
-        if node.op == "bn":
-            return H.BatchNorm(width)
-        return nn.LayerNorm(width)
-    return None
+
+def _build(runtime: ops.Runtime) -> nn.Module:
+    return resolve(runtime.target)(*runtime.args)
+
+
+def _tokenize(node, graph: Graph):
+    x, out = graph.tensors[node.inputs[0]], graph.tensors[node.outputs[0]]
+    b = ops.bound_for(ops.OPS[node.op], {**node.args, "x": x.shape}, kind=graph.spec.inputs[node.inputs[0]].kind,
+                      width=out.shape[-1], out=out.shape)
+    return _build(ops.OPS[node.op].module(b))
+
+
+def _position(node, graph: Graph):
+    x = graph.tensors[node.inputs[0]]
+    return _build(ops.OPS[node.op].module(ops.bound_for(ops.OPS[node.op], {**node.args, "x": x.shape}, grid=x.grid, width=x.shape[-1])))
+
+
+def _drop(node, graph: Graph):
+    op = ops.OPS[node.op]
+    return _build(op.module(ops.bound_for(op, {"rate": node.rate, "x": graph.tensors[node.inputs[0]].shape})))
+
+
+def _restore(node, graph: Graph):
+    if node.share:
+        return None  # runs the module of the stream it shares (see `codegen`)
+    return E.Restore(graph.tensors[node.outputs[0]].shape[-1])
+
+
+def _from(node, graph: Graph):
+    w_in, w_out = graph.tensors[node.inputs[0]].shape[-1], graph.tensors[node.outputs[0]].shape[-1]
+    return nn.Linear(w_in, w_out) if w_in != w_out and not node.share else None
+
+
+def _call(node, graph: Graph):
+    op = ops.OPS[node.op]
+    if op.module is None or (op.share and node.args.get(op.share)):
+        return None  # a function, or the module of the output it shares (see `codegen`)
+    return _build(op.module(call_bound(node, graph)))
+
+
+NO_DECAY_KINDS = ("position", "typeembed", "latent", "restore")  # learned tables and tokens: no weight decay
+
+MODULES = {
+    "input": lambda node, graph: None,
+    "tokenize": _tokenize,
+    "position": _position,
+    "typeembed": lambda node, graph: E.TypeEmbedding(graph.tensors[node.inputs[0]].shape[-1]),
+    "latent": lambda node, graph: E.LatentTokens(node.count, graph.tensors[node.outputs[0]].shape[-1]),
+    "drop": _drop,
+    "restore": _restore,
+    "from": _from,
+    "encoder": lambda node, graph: build_encoder(node, graph),
+    "call": _call,
+    "loss": lambda node, graph: None,
+}
 
 
 def build_encoder(node: EncoderNode, graph: Graph) -> StreamTransformer:
     enc = node.decl
-    plans = {p: [tuple((a.query, a.keys, a.weights, a.causal, a.cross) for a in layer.attends) for layer in plan.layers]
+    plans = {p: [tuple(Attend(a.query, a.keys, a.weights, a.causal, a.cross) for a in layer.attends) for layer in plan.layers]
              for p, plan in node.plans.items()}
-    sizes = {w: (s.sizes.width, s.sizes.depth, s.sizes.heads, s.sizes.mlp_dim) for w, s in weight_sets(node).items()}
+    sizes = {w: LayerSizes(s.sizes.width, s.sizes.depth, s.sizes.heads, s.sizes.mlp_dim) for w, s in weight_sets(node).items()}
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
     memory_widths = {m: graph.tensors[stream_in[m]].shape[-1] for m in node.memory}
     return StreamTransformer(plans, sizes, memory_widths=memory_widths, norms=enc.norms, final_norm=enc.final_norm,
@@ -98,32 +102,34 @@ def input_specs(graph: Graph) -> list[InputSpec]:
 
 
 def eval_plan(graph: Graph) -> EvalPlan:
-    """What held-out evaluation should measure, read off the losses: contrastive pairs are retrieval
-    tasks, ce/bce are classifiers, masked_mse is reconstruction, next_token is captioning."""
+    """What held-out evaluation should measure, read off the losses by what their operators evaluate
+    (`OpDef.contrastive`, `OpDef.evaluates`): retrieval pairs, classifiers, reconstruction, captioning."""
     outputs_by_tensor = {t: n for n, t in graph.outputs.items()}
     retrieval, classifiers, recon, caption = [], [], [], []
+
+    def add(items: list, item) -> None:
+        if item not in items:
+            items.append(item)
+
     for name, tensor in graph.losses.items():
         loss_node = graph.node(graph.producer[tensor])
         for term in loss_node.inputs:
             call = graph.node(graph.producer[term])
+            op = ops.OPS[call.op]
             ins = [outputs_by_tensor.get(i, i) for i in call.inputs]
-            if call.op in ("nce", "focal_contrastive", "mil_nce") and all(i in graph.outputs for i in ins[:2]):
-                pair = RetrievalPair(ins[0], ins[1])
-                if pair not in retrieval:
-                    retrieval.append(pair)
-            elif call.op in ("ce", "bce") and ins[0] in graph.outputs:
-                c = Classifier(ins[0], ins[1], call.op == "bce")
-                if c not in classifiers:
-                    classifiers.append(c)
-            elif call.op == "masked_mse" and name not in recon:
-                recon.append(name)
-            elif call.op == "next_token" and name not in caption:
-                caption.append(name)
+            if op.contrastive and all(i in graph.outputs for i in ins[:2]):
+                add(retrieval, RetrievalPair(ins[0], ins[1]))
+            elif op.evaluates in ("classifier", "multilabel") and ins[0] in graph.outputs:
+                add(classifiers, Classifier(ins[0], ins[1], op.evaluates == "multilabel"))
+            elif op.evaluates == "reconstruction":
+                add(recon, name)
+            elif op.evaluates == "caption":
+                add(caption, name)
     # an output averaging classifier logits (MBT: per-modality heads, averaged at evaluation) is scored too
     scored = {c.logits: c for c in classifiers}
     for out_name, tensor in graph.outputs.items():
         node = graph.node(graph.producer[tensor])
-        if isinstance(node, CallNode) and node.op == "avg":
+        if isinstance(node, CallNode) and ops.OPS[node.op].evaluates == "average":
             parts = [scored.get(outputs_by_tensor.get(i)) for i in node.inputs]
             if parts and all(parts) and len({(c.target, c.multilabel) for c in parts}) == 1:
                 classifiers.insert(0, Classifier(out_name, parts[0].target, parts[0].multilabel))
@@ -134,43 +140,44 @@ class CompiledModel(nn.Module):
     """A model built from a spec. ``forward(**inputs)`` runs the generated code (see ``self.code``)
     and returns ``{"loss", "losses", "outputs"}`` (the contract in `avdsl.runtime.contracts`)."""
 
-    def __init__(self, graph: Graph, modules: dict[str, nn.Module], code: str, filename: str):
+    def __init__(self, graph: Graph, modules: dict[str, nn.Module], emitted: codegen.Emitted, filename: str):
         super().__init__()
         for name, module in modules.items():
             self.add_module(name, module)
-        self.code = code
+        code = self.code = emitted.code
+        self.no_weight_decay = tuple(emitted.attrs[n.id] for n in graph.nodes() if n.kind in NO_DECAY_KINDS
+                                     and emitted.attrs[n.id] in modules)
+        self.arg_names = {name: param for name, param in emitted.params.items() if name != param}  # renamed inputs
         self.inputs = input_specs(graph)
         self.eval_plan = eval_plan(graph)
         self.spec_text = graph.spec.source.resolved_text()
         self.spec_hash = graph.spec.source.hash()
         self.spec_name = graph.spec.name
-        namespace = {"H": H, "L": L, "torch": torch}
+        namespace = {alias: importlib.import_module(f"{__package__}.runtime.{module}")
+                     for module, alias in codegen.RUNTIME_GLOBALS.items()}
+        namespace["torch"] = torch
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         exec(compile(code, filename, "exec"), namespace)  # the generated forward, shown by --emit code
         self._generated = namespace["forward"]
 
     def forward(self, **inputs):
+        if self.arg_names:
+            inputs = {self.arg_names.get(name, name): value for name, value in inputs.items()}
         return self._generated(self, **inputs)
-
-
-@dataclass
-class Built:
-    graph: Graph
-    model: CompiledModel
 
 
 def compile_graph(graph: Graph, device: str | torch.device | None = None) -> CompiledModel:
     """Build every module of ``graph`` (on ``device``; ``"meta"`` allocates nothing) and bind the code."""
-    code = codegen.generate(graph)
+    emitted = codegen.emit(graph)
     filename = f"<avdsl:{graph.spec.name}:{graph.spec.source.hash()}>"
     with torch.device(device or "cpu"):
         modules = {}
         for node in graph.nodes():
-            module = _module_for(node, graph)
+            module = visit(MODULES, node, graph)
             if module is not None:
-                modules[codegen.attr(node.id)] = module
+                modules[emitted.attrs[node.id]] = module
         if str(device) != "meta":  # meta tensors hold no values: nothing to initialise
             for m in modules.values():
                 E.init_linear(m)
-        model = CompiledModel(graph, modules, code, filename)
+        model = CompiledModel(graph, modules, emitted, filename)
     return model

@@ -19,7 +19,7 @@ from .api import Analysis, analyse, analyse_text
 from .diagnostics import Loc, SpecError
 from .ir import EncoderNode
 from .loader import resolve_spec_path
-from .passes.cost import Cost, by_component
+from .passes.cost import by_component
 from .summary import _human, streams_table
 
 VALUE_SECTIONS = ("vars", "dims", "inputs", "train")
@@ -123,7 +123,6 @@ def routing_diff(a: Analysis, b: Analysis) -> list[dict]:
             old, new = va.get(key, set()), vb.get(key, set())
             if {i for i in old if i < common} == {i for i in new if i < common}:
                 continue  # differs only in layers one side does not have: the depth change says it
-                continue
             pname, q, k = key
             rows.append({"encoder": eb or ea if ea == eb or not (ea and eb) else f"{ea} -> {eb}", "pass": pname or None,
                          "query": q, "key": k, "gained": layer_runs(new - old), "lost": layer_runs(old - new),
@@ -151,8 +150,8 @@ def _flat(data, prefix: str = "") -> dict:
 
 
 def _components(a: Analysis) -> tuple[dict, dict]:
-    params = by_component(a.graph, a.cost)
-    flops = by_component(a.graph, Cost(params=dict(a.cost.flops)))  # same grouping, applied to FLOPs
+    params = by_component(a.graph, a.cost.params)
+    flops = by_component(a.graph, a.cost.flops)
     return params, flops
 
 

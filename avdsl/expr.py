@@ -307,27 +307,3 @@ def _expect_hint(expected, example: str) -> str:
     shown = ", ".join(words[:6])
     return (f"expected {shown}; " if shown else "") + example
 
-
-def refs_in(expr) -> list[Ref]:
-    """Every reference in an expression, in order of appearance (a pure walk of the AST)."""
-    out: list[Ref] = []
-
-    def walk(node):
-        if isinstance(node, Ref):
-            out.append(node)
-        elif isinstance(node, Call):
-            for a in node.args:
-                walk(a)
-            for _, v in node.kwargs:
-                walk(v)
-        elif isinstance(node, BinOp):
-            walk(node.left)
-            walk(node.right)
-        elif isinstance(node, Neg):
-            walk(node.operand)
-        elif isinstance(node, ListExpr):
-            for i in node.items:
-                walk(i)
-
-    walk(expr)
-    return out

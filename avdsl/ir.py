@@ -3,10 +3,13 @@
 Nodes are small frozen dataclasses, one class per kind of operation. A node reads tensors (by name)
 and writes tensors (by name); an edge u -> v with attribute ``tensor`` says v reads what u wrote.
 Passes (shapes, cost, lint, diff) are pure functions of a `Graph`; the compiler turns it into code.
+Every node class names its ``kind``; a pass is a table from kind to rule, run by `visit` (no pass
+tests node classes one by one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import networkx as nx
 
@@ -20,24 +23,32 @@ class Node:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     loc: Loc
+    kind: ClassVar[str] = ""
 
     @property
-    def kind(self) -> str:
-        return type(self).__name__.removesuffix("Node").lower()
-
-    @property
-    def component(self) -> str:
-        """The spec component this node belongs to (for per-component parameter counts)."""
-        return self.id.split("/")[0]
+    def component(self) -> tuple[str, str]:
+        """The spec component a reader recognises this node by: ``("streams", "audio")``,
+        ``("encoders", "backbone")``, ``("outputs", "za")``, ``("losses", "contrastive")``, ``("inputs", "fbank")``."""
+        if self.id.startswith("out."):
+            return "outputs", self.id[4:].split("~")[0]
+        if self.id.startswith("loss."):
+            return "losses", self.id[5:].split("~")[0]
+        if self.kind == "encoder":
+            return "encoders", self.id
+        if getattr(self, "stream", None):
+            return "streams", self.stream
+        return "inputs", self.id
 
 
 @dataclass(frozen=True, kw_only=True)
 class InputNode(Node):
+    kind: ClassVar[str] = "input"
     decl: InputDecl
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeNode(Node):
+    kind: ClassVar[str] = "tokenize"
     stream: str
     op: str
     args: dict
@@ -45,6 +56,7 @@ class TokenizeNode(Node):
 
 @dataclass(frozen=True, kw_only=True)
 class PositionNode(Node):
+    kind: ClassVar[str] = "position"
     stream: str
     op: str
     args: dict
@@ -52,6 +64,7 @@ class PositionNode(Node):
 
 @dataclass(frozen=True, kw_only=True)
 class TypeEmbedNode(Node):
+    kind: ClassVar[str] = "typeembed"
     stream: str
 
 
@@ -59,6 +72,7 @@ class TypeEmbedNode(Node):
 class LatentNode(Node):
     """Learned tokens: fusion/bottleneck latents (a stream of their own) or CLS tokens prepended."""
 
+    kind: ClassVar[str] = "latent"
     stream: str
     count: int
     prepend: bool = False  # True: prepended to the stream's tokens (CLS / aggregation)
@@ -68,6 +82,7 @@ class LatentNode(Node):
 class DropNode(Node):
     """Token dropping: ``droptoken`` (training only) or ``random_mask`` (MAE; also writes the mask)."""
 
+    kind: ClassVar[str] = "drop"
     stream: str
     op: str
     rate: float
@@ -77,6 +92,7 @@ class DropNode(Node):
 class FromNode(Node):
     """A stream continuing from an encoder output (projected linearly when the widths differ)."""
 
+    kind: ClassVar[str] = "from"
     stream: str
     share: str | None = None  # another `from:` stream whose projection this one uses (no weights of its own)
 
@@ -86,6 +102,7 @@ class FromNode(Node):
 class RestoreNode(Node):
     """Put masked-out positions back (as a learned mask token) in their original order."""
 
+    kind: ClassVar[str] = "restore"
     stream: str
     masked: str  # the stream whose mask is undone
     share: str | None = None  # another `from:` stream whose mask token this one uses
@@ -96,6 +113,7 @@ class RestoreNode(Node):
 class EncoderNode(Node):
     """A transformer stack over several streams, with its routing resolved per pass and layer."""
 
+    kind: ClassVar[str] = "encoder"
     decl: EncoderDecl
     plans: dict  # pass name ("" when none) -> PassPlan
     streams: tuple[str, ...]  # stream order of ``inputs`` (then memory)
@@ -106,6 +124,7 @@ class EncoderNode(Node):
 class CallNode(Node):
     """An operator from the catalogue (pooling, projection, target, loss)."""
 
+    kind: ClassVar[str] = "call"
     op: str
     args: dict  # non-tensor arguments, bound
     tensor_params: tuple[str, ...]  # which parameter each input tensor feeds (variadic params repeat)
@@ -115,8 +134,23 @@ class CallNode(Node):
 class LossNode(Node):
     """A named loss: a weighted sum of loss-operator results."""
 
+    kind: ClassVar[str] = "loss"
     name: str
     weights: tuple[float, ...]  # one per input
+
+
+def encoder_output(encoder: str, pass_: str, stream: str) -> str:
+    """The name of what an encoder computes for a stream: ``backbone.audio``, or ``joint.av.a`` in a pass."""
+    return f"{encoder}.{pass_}.{stream}" if pass_ else f"{encoder}.{stream}"
+
+
+KINDS = tuple(cls.kind for cls in Node.__subclasses__())
+STREAM_KINDS = ("tokenize", "position", "typeembed", "latent", "drop", "from", "restore")  # nodes of one stream's chain
+
+
+def visit(table: dict[str, Callable], node: Node, *args):
+    """Run the rule for ``node.kind`` from a pass's ``table`` (kind -> rule(node, *args))."""
+    return table[node.kind](node, *args)
 
 
 @dataclass(frozen=True)
@@ -176,3 +210,17 @@ class Graph:
             return {tensor}
         ancestors = nx.ancestors(self.g, self.producer[tensor])
         return {n for n in ancestors if isinstance(self.node(n), InputNode)}
+
+    def upstream(self, tensor: str, stop: Callable[[str], bool] = lambda t: False) -> list[str]:
+        """``tensor`` and the tensors it is computed from, depth first, not walking back past a tensor
+        for which ``stop`` is true."""
+        todo, seen, out = [tensor], set(), []
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            out.append(t)
+            if not stop(t) and t in self.producer:
+                todo.extend(self.node(self.producer[t]).inputs)
+        return out

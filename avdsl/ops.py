@@ -1,8 +1,12 @@
 """The operator catalogue: every operator a spec can call, defined once.
 
-Each `OpDef` gives the operator's arguments, a one-line doc, and pure rules for its output shape and
-its parameter count. The shape pass, the cost pass, lint and the docs all read this table; the runtime
-implements each operator under the same name. Shapes are tuples of ints and symbol names (``"B"``).
+An `OpDef` is everything the pipeline knows about one operator: its arguments and their checks, its
+shape rule, its cost rule, the runtime object the compiler builds or calls (named by a dotted path, so
+the language never imports torch), the facts lint and evaluation read (``contrastive``, ``evaluates``)
+and its doc line. The graph builder, the shape and cost passes, codegen, the compiler, lint and the
+generated spec reference all read this table and nothing else: adding an operator is one `_add` here
+(and, for a new runtime function or module, its implementation under `avdsl.runtime`) plus its test.
+Shapes are tuples of ints and symbol names (``"B"``).
 """
 from __future__ import annotations
 
@@ -23,21 +27,66 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """A runtime object named by its dotted path under `avdsl.runtime` (``"heads.MLP"``) or in torch
+    (``"torch.nn.Linear"``), with its constructor arguments. The compiler resolves and builds it."""
+
+    target: str
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class OpCost:
+    params: int = 0  # trainable and frozen
+    frozen: int = 0
+    flops: int = 0  # forward, per sample
+
+
+@dataclass(frozen=True)
 class OpDef:
     name: str
     category: str  # tokenizer | position | drop | pool | project | loss | target
     doc: str
     params: tuple[Param, ...]
-    shape: Callable | None = None  # (bound args with tensor shapes, loc) -> Shape
-    n_params: Callable | None = None  # (bound args with tensor shapes) -> int
+    # rules, each a pure function of the bound arguments (tensor arguments as shapes, see `Bound`):
+    shape: Callable | None = None  # (bound, loc) -> output shape; tokenizers: -> token grid; raises SpecError
+    cost: Callable | None = None  # (bound) -> OpCost
+    module: Callable | None = None  # (bound) -> Runtime: the module of an operator with weights
+    function: str | None = None  # or the runtime function of an operator without weights ("heads.mean")
+    positional: bool = False  # the generated call passes non-tensor arguments by position
     choices: dict = field(default_factory=dict)  # param -> allowed names
+    # facts other passes read:
+    share: str = ""  # the argument naming another output whose module this call runs (no weights of its own)
+    contrastive: bool = False  # pulls matching rows of two different views together (lint L402; a retrieval task)
+    evaluates: str = ""  # what evaluation scores: classifier | multilabel | reconstruction | caption | average
+    input_kinds: tuple = ()  # tokenizers: the input kinds they cut into tokens
+    train_only: bool = False  # drops: only in training (the evaluation shape is the input's)
+    writes_mask: bool = False  # drops: also writes the mask and restore ids (a stream's `mask:`)
+    adds_nothing: bool = False  # positions: no node at all
 
 
 class Bound(dict):
-    """Arguments bound to an operator's parameters. Tensor arguments hold their `Ref`; ``cols`` maps
-    each parameter to the column where it was written (for errors)."""
+    """Arguments bound to an operator's parameters. While binding, tensor arguments hold their `Ref`;
+    the rules see their shapes instead. ``cols`` maps each parameter to the column where it was
+    written (for errors); the other attributes are what the rules may read besides the arguments."""
 
     cols: dict
+    op: "OpDef"
+    decls: dict  # tensor parameter -> the spec `InputDecl` it reads, when it reads an input directly
+    kind: str  # tokenizers: the input's kind
+    grid: tuple | None  # tokenizers, positions: the token grid
+    width: int  # tokenizers, positions: the stream's width
+    stream: str  # tokenizers, positions, drops: the stream
+    out: tuple  # tokenizers: the output shape (for cost and module)
+
+
+def bound_for(op: "OpDef", args: dict, **facts) -> Bound:
+    """Bound arguments of ``op`` for its rules: ``args`` plus the facts named (see `Bound`)."""
+    b = Bound(args)
+    b.cols, b.op, b.decls, b.kind, b.grid, b.width, b.stream, b.out = {}, op, {}, "", None, 0, "", ()
+    for key, value in facts.items():
+        setattr(b, key, value)
+    return b
 
 
 def bind(op: OpDef, call: ex.Call, loc: Loc) -> Bound:
@@ -133,22 +182,119 @@ def usage(op: OpDef) -> str:
     return f"{op.name}({', '.join(parts)})"
 
 
+def args_text(op: OpDef, args: dict) -> str:
+    """Non-tensor arguments as written in a call: ``out=10, bias=true``."""
+    return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items() if k != op.share) or "none"
+
+
 def fail(loc: Loc, message: str, hint: str = "") -> SpecError:
     return SpecError(loc, message, hint)
 
 
-# ------------------------------------------------------------------------------ shape helpers
+# ------------------------------------------------------------------------------ rule helpers
 
 
-def _last(shape: Shape):
-    return shape[-1]
+def fmt(shape: Shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def size_of(x) -> int:
+    """A size as a number (symbolic sizes count as 1 in costs)."""
+    return x if isinstance(x, int) else 1
+
+
+def divisors(dim: int, near: int) -> list[int]:
+    ds = [d for d in range(1, dim + 1) if dim % d == 0]
+    return sorted(ds, key=lambda d: abs(d - near))[:3]
+
+
+def _same(b: Bound, loc: Loc) -> Shape:
+    return b["x"]
+
+
+# tokenizers: the bound input shape is ``x``; ``b.kind`` is the input's kind
+
+
+_LAYOUTS = {"video": "[B, C, T, H, W]", "image": "[B, C, H, W]", "fbank": "[B, T, F]", "waveform": "[B, S]", "text": "[B, L]"}
+
+
+def _grid(b: Bound, loc: Loc, dims, sizes, names) -> tuple:
+    """The token grid of non-overlapping windows ``sizes`` over ``dims``; each size must divide its dim."""
+    if b.kind not in b.op.input_kinds:
+        wanted = " or ".join(f"{k} input {_LAYOUTS[k]}" for k in b.op.input_kinds)
+        others = [f"{usage(op)} for {' and '.join(op.input_kinds)}" for op in OPS.values() if b.kind in op.input_kinds]
+        raise fail(loc, f"{b.op.name}() tokenizes a {wanted}; '{b.decls['x'].name}' is {b.kind} {fmt(b['x'])}",
+                   "use " + (", ".join(others) if others else "another tokenizer"))
+    grid = []
+    for dim, size, name in zip(dims, sizes, names):
+        if isinstance(dim, int) and dim % size:
+            raise SpecError(loc, f"{b.op.name} size {size} does not divide the input's {name} {dim} (input {fmt(b['x'])})",
+                            f"choose a size that divides {dim}, e.g. {', '.join(str(d) for d in divisors(dim, size))}", code="H302")
+        grid.append(dim // size if isinstance(dim, int) else dim)
+    return tuple(grid)
+
+
+def _channels(b: Bound) -> int:
+    """Input channels of a patch tokenizer: ``channels=`` if given, else the input's (1 for spectrograms)."""
+    return b.get("channels") or (size_of(b["x"][1]) if b.kind in ("image", "video") else 1)
+
+
+def _patch_cost(window: Callable) -> Callable:
+    def cost(b: Bound) -> OpCost:
+        width, tokens = b.width, size_of(b.out[1])
+        per = _channels(b) * window(b)
+        return OpCost(per * width + width, 0, 2 * tokens * per * width)
+    return cost
+
+
+def _embed_cost(b: Bound) -> OpCost:
+    dim = b["dim"] or b.width
+    params = b["vocab"] * dim + ((dim * b.width + b.width) if b["dim"] else 0)
+    return OpCost(params, b["vocab"] * dim if b["frozen"] else 0, 2 * size_of(b.out[1]) * dim * b.width if b["dim"] else 0)
+
+
+# positions: the bound token shape is ``x``; ``b.grid`` its grid, ``b.width`` the stream's width
+
+
+def _learned_check(b: Bound, loc: Loc) -> Shape:
+    n = b["x"][1]
+    if b["size"] and isinstance(n, int) and b["size"] < n:
+        raise fail(loc, f"learned({b['size']}) has fewer positions than the stream's {n} tokens", f"use learned() (one per token) or learned({n})")
+    return b["x"]
+
+
+def _needs_grid(b: Bound, loc: Loc) -> None:
+    if b.grid is None:
+        raise fail(loc, f"{b.op.name}() needs a token grid; stream '{b.stream}' has none (latent or continued tokens)", "use learned() here")
+
+
+def _factorized_check(b: Bound, loc: Loc) -> Shape:
+    _needs_grid(b, loc)
+    return b["x"]
+
+
+def _sincos_check(b: Bound, loc: Loc) -> Shape:
+    _needs_grid(b, loc)
+    if len(b.grid) != 2:
+        raise fail(loc, f"sincos2d() needs a 2-D token grid; stream '{b.stream}' has a {len(b.grid)}-D grid {b.grid}",
+                   "use factorized() or learned() for video tubelets")
+    if b.width % 4:
+        raise fail(loc, f"sincos2d() needs a width divisible by 4, got {b.width}", "choose a width divisible by 4")
+    return b["x"]
+
+
+def _norm_extra(b: Bound) -> int:
+    return 2 * b.width if b["norm"] else 0
+
+
+# outputs and losses: tensor arguments are bound to their shapes; ``b.decls`` names inputs read directly
 
 
 def _pool_shape(b: Bound, loc: Loc) -> Shape:
     shapes = b["x"]
     widths = {s[-1] for s in shapes}
     if len(widths) > 1:
-        raise fail(loc, f"{b.get('_op', 'mean')}() pools tensors of different widths {sorted(widths, key=str)}",
+        raise fail(loc, f"{b.op.name}() pools tensors of different widths {sorted(widths, key=str)}",
                    "pool streams of one width, or project them to one width first")
     for s in shapes:
         if len(s) != 3:
@@ -163,6 +309,11 @@ def _avg_shape(b: Bound, loc: Loc) -> Shape:
         raise fail(loc, "avg() averages tensors of one shape, got " + ", ".join(fmt(s) for s in shapes),
                    "average outputs of the same head size")
     return shapes[0]
+
+
+def _tokens_shape(b: Bound, loc: Loc) -> Shape:
+    x = b["x"]
+    return (x[0], x[1] - b["skip"], x[2]) if isinstance(x[1], int) else x
 
 
 def _same_rows(b: Bound, loc: Loc, a: str, c: str, what: str) -> None:
@@ -186,19 +337,53 @@ def _mse_shape(b, loc):
     if tuple(b["pred"])[-2:] != tuple(b["target"])[-2:]:
         raise fail(loc, f"masked_mse: prediction {fmt(b['pred'])} and target {fmt(b['target'])} differ",
                    "predict one row of patch values per patch: `linear(decoder.audio, VALUES_PER_PATCH)`")
+    if tuple(b["mask"]) != tuple(b["pred"][:2]):
+        raise fail(loc, f"masked_mse: the mask {fmt(b['mask'])} does not match the prediction {fmt(b['pred'])}",
+                   "pass the mask of the stream the prediction reconstructs, e.g. `audio.mask`")
     return ()
 
 
+def _class_target(b: Bound, loc: Loc, kind: str, other: str) -> None:
+    """ce/bce: the logits' class count and the target input's kind must match the target."""
+    logits, decl = b["logits"], b.decls.get("target")
+    if decl is not None and decl.classes and logits[-1] != decl.classes:
+        raise fail(loc, f"{b.op.name}(): the logits have {logits[-1]} classes but '{decl.name}' has {decl.classes}",
+                   f"make the classifier `linear(..., {decl.classes})`")
+    if decl is not None and decl.kind != kind:
+        raise fail(loc, f"{b.op.name}() needs {'class indices' if kind == 'label' else '0/1 targets'}; '{decl.name}' is {decl.kind}",
+                   f"use {other}() for {'multilabel targets' if kind == 'label' else 'class indices'}")
+
+
 def _ce_shape(b, loc):
+    _class_target(b, loc, "label", "bce")
     if len(b["logits"]) != 2:
         raise fail(loc, f"ce() takes logits [B, classes], got {fmt(b['logits'])}", "pool tokens before the classifier")
     return ()
 
 
+def _bce_shape(b, loc):
+    _class_target(b, loc, "multilabel", "ce")
+    return ()
+
+
 def _next_token_shape(b, loc):
+    decl = b.decls.get("tokens")
+    if decl is None or decl.kind != "text":
+        raise fail(loc, "next_token() predicts the tokens of a text input", "pass the text input, e.g. `next_token(logits, caption)`")
     if len(b["logits"]) != 3:
         raise fail(loc, f"next_token() takes logits [B, L, vocab], got {fmt(b['logits'])}", "apply a linear head to the text tokens")
     return ()
+
+
+def _dense(n_params: Callable) -> Callable:
+    """The cost of a layer applied to every row of ``x``: its parameters, 2 FLOPs per weight per row."""
+    def cost(b: Bound) -> OpCost:
+        p = n_params(b)
+        rows = 1
+        for d in b["x"][1:-1]:
+            rows *= size_of(d)
+        return OpCost(p, 0, 2 * rows * p)
+    return cost
 
 
 def _linear_shape(b, loc):
@@ -231,6 +416,8 @@ def _norm_params(b):
 
 
 def _patches_shape(b, loc):
+    if b.decls.get("x") is None:
+        raise fail(loc, "patches() cuts an input into patch rows", "e.g. `patches(fbank, [16, 16])`")
     x, size = b["x"], b["size"]
     if len(size) not in (2, 3):
         raise fail(loc, "patches() takes a 2-D patch (h, w) or a 3-D tubelet (t, h, w)", "e.g. `patches(fbank, [16, 16])`")
@@ -251,10 +438,6 @@ def _patches_shape(b, loc):
     return (x[0], count, per)
 
 
-def fmt(shape: Shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
 # -------------------------------------------------------------------------------- the catalogue
 
 T = Param
@@ -267,69 +450,103 @@ def _add(op: OpDef) -> None:
     OPS[op.name] = op
 
 
-# tokenizers (used in `streams.*.tokenizer`); their shapes are worked out by the graph builder,
-# which knows the input; parameter counts are in `avdsl.passes.cost`.
+# tokenizers (used in `streams.*.tokenizer`): the shape rule returns the token grid
 _add(OpDef("patch2d", "tokenizer", "Split an image or spectrogram into non-overlapping h x w patches, each linearly projected (ViT, AST); "
            "`channels=3` repeats a one-channel spectrogram to 3 channels first (MBT's reference, for RGB-ViT weights).",
-           (T("h", "int"), T("w", "int"), T("channels", "int", 0))))
+           (T("h", "int"), T("w", "int"), T("channels", "int", 0)), input_kinds=("image", "fbank"),
+           shape=lambda b, loc: _grid(b, loc, b["x"][-2:], (b["h"], b["w"]),
+                                      ("height", "width") if b.kind == "image" else ("time frames", "mel bins")),
+           cost=_patch_cost(lambda b: b["h"] * b["w"]),
+           module=lambda b: Runtime("embeddings.PatchEmbed2d", (_channels(b), b["h"], b["w"], b.width))))
 _add(OpDef("tubelet", "tokenizer", "Split a video into non-overlapping t x h x w tubelets, each linearly projected (ViViT, VATT, MBT).",
-           (T("t", "int"), T("h", "int"), T("w", "int"))))
+           (T("t", "int"), T("h", "int"), T("w", "int")), input_kinds=("video",),
+           shape=lambda b, loc: _grid(b, loc, b["x"][-3:], (b["t"], b["h"], b["w"]), ("frames", "height", "width")),
+           cost=_patch_cost(lambda b: b["t"] * b["h"] * b["w"]),
+           module=lambda b: Runtime("embeddings.TubeletEmbed", (_channels(b), b["t"], b["h"], b["w"], b.width))))
 _add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping windows of k samples, each linearly projected (VATT's WaT).",
-           (T("k", "int"),)))
+           (T("k", "int"),), input_kinds=("waveform",),
+           shape=lambda b, loc: _grid(b, loc, b["x"][-1:], (b["k"],), ("samples",)),
+           cost=_patch_cost(lambda b: b["k"]),
+           module=lambda b: Runtime("embeddings.WaveEmbed", (b["k"], b.width))))
 _add(OpDef("embed", "tokenizer", "Look up token ids in an embedding table; with `dim`, embed at `dim` then project linearly to the width.",
-           (T("vocab", "int"), T("dim", "int", 0), T("frozen", "bool", False))))
-# positional encodings
+           (T("vocab", "int"), T("dim", "int", 0), T("frozen", "bool", False)), input_kinds=("text",),
+           shape=lambda b, loc: _grid(b, loc, b["x"][1:2], (1,), ("length",)), cost=_embed_cost,
+           module=lambda b: Runtime("embeddings.TextEmbed", (b["vocab"], b.width, b["dim"], b["frozen"]))))
+# positional encodings: the shape rule checks the grid and width
 _add(OpDef("learned", "position", "Learned positional embedding, one row per token position (or `size` buckets); "
            "with `norm=true` the sum of tokens and positions is LayerNorm-ed (VATT).",
-           (T("size", "int", 0), T("norm", "bool", False))))
+           (T("size", "int", 0), T("norm", "bool", False)), shape=_learned_check,
+           cost=lambda b: OpCost((b["size"] or size_of(b["x"][1])) * b.width + _norm_extra(b)),
+           module=lambda b: Runtime("embeddings.LearnedPosition", (b["size"] or b["x"][1], b.width, b["norm"]))))
 _add(OpDef("factorized", "position", "Learned factorised positions: one table per grid axis (time, height, width), summed and added; with `norm=true` the sum of tokens and positions is LayerNorm-ed (VATT).",
-           (T("norm", "bool", False),)))
+           (T("norm", "bool", False),), shape=_factorized_check,
+           cost=lambda b: OpCost(sum(size_of(g) for g in b.grid) * b.width + _norm_extra(b)),
+           module=lambda b: Runtime("embeddings.FactorizedPosition", (b.grid, b.width, b["norm"]))))
 _add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter. "
            "The first half of the channels encodes the grid column, as MAE's table; `first=rows` encodes the row first.",
-           (T("first", "name", "columns"),), choices={"first": ("columns", "rows")}))
-_add(OpDef("none", "position", "No positional encoding.", ()))
-# token dropping
+           (T("first", "name", "columns"),), choices={"first": ("columns", "rows")},
+           shape=_sincos_check, cost=lambda b: OpCost(size_of(b["x"][1]) * b.width, size_of(b["x"][1]) * b.width),
+           module=lambda b: Runtime("embeddings.SinCos2dPosition", (b.grid, b.width, b["first"]))))
+_add(OpDef("none", "position", "No positional encoding.", (), adds_nothing=True))
+# token dropping: the bound token shape is ``x``
 _add(OpDef("droptoken", "drop", "In training only, keep a random `1 - rate` fraction of the tokens (VATT's DropToken).",
-           (T("rate", "float"),)))
+           (T("rate", "float"),), train_only=True, module=lambda b: Runtime("embeddings.DropToken", (b["rate"], b["x"][1]))))
 _add(OpDef("random_mask", "drop", "MAE masking: keep a random `1 - rate` fraction of tokens (always); records the mask for restore and losses.",
-           (T("rate", "float"),)))
+           (T("rate", "float"),), writes_mask=True, module=lambda b: Runtime("embeddings.RandomMask", (b["rate"], b["x"][1]))))
 # outputs: pooling, projections, heads
-_add(OpDef("mean", "pool", "Mean over tokens; several streams are pooled together as one sequence.", (T("x", "tensors"),), _pool_shape))
-_add(OpDef("first", "pool", "The first token (a CLS or aggregation token).", (T("x", "tensors"),), _pool_shape))
-_add(OpDef("avg", "pool", "Element-wise mean of tensors of one shape (e.g. averaging per-modality logits).", (T("x", "tensors"),), _avg_shape))
+_add(OpDef("mean", "pool", "Mean over tokens; several streams are pooled together as one sequence.", (T("x", "tensors"),),
+           _pool_shape, function="heads.mean"))
+_add(OpDef("first", "pool", "The first token (a CLS or aggregation token).", (T("x", "tensors"),), _pool_shape, function="heads.first"))
+_add(OpDef("avg", "pool", "Element-wise mean of tensors of one shape (e.g. averaging per-modality logits).", (T("x", "tensors"),),
+           _avg_shape, function="heads.avg", evaluates="average"))
 _add(OpDef("tokens", "pool", "The tokens of a stream, dropping `skip` leading ones (e.g. CLS).", (T("x", "tensor"), T("skip", "int", 0)),
-           lambda b, loc: (b["x"][0], b["x"][1] - b["skip"], b["x"][2]) if isinstance(b["x"][1], int) else b["x"]))
+           _tokens_shape, function="heads.tokens"))
+PLAIN_OUTPUT = "tokens"  # what an output that names a tensor without a call (`za: backbone.audio`) means
 _add(OpDef("linear", "project", "A linear layer to `out` features; `shared=NAME` reuses the weights of the linear output NAME "
            "(one classifier applied to several inputs, as MBT's per-modality CLS tokens).",
            (T("x", "tensor"), T("out", "int"), T("bias", "bool", True), T("shared", "name", "")),
-           _linear_shape, _linear_params))
+           _linear_shape, _dense(_linear_params), share="shared",
+           module=lambda b: Runtime("torch.nn.Linear", (b["x"][-1], b["out"], b["bias"]))))
 _add(OpDef("mlp", "project", "Linear layers of the given sizes with a norm and activation between them (e.g. MMV/VATT heads).",
            (T("x", "tensor"), T("sizes", "ints"), T("norm", "name", "bn"), T("act", "name", "relu"), T("bias", "bool", True),
-            T("final_norm", "bool", True)), _mlp_shape, _mlp_params,
-           {"norm": ("bn", "ln", "none"), "act": ("relu", "gelu", "none")}))
-_add(OpDef("bn", "project", "BatchNorm over features.", (T("x", "tensor"),), lambda b, loc: b["x"], _norm_params))
-_add(OpDef("layernorm", "project", "LayerNorm over features.", (T("x", "tensor"),), lambda b, loc: b["x"], _norm_params))
-_add(OpDef("relu", "project", "ReLU.", (T("x", "tensor"),), lambda b, loc: b["x"]))
-_add(OpDef("l2norm", "project", "Scale rows to unit length.", (T("x", "tensor"),), lambda b, loc: b["x"]))
+            T("final_norm", "bool", True)), _mlp_shape, _dense(_mlp_params),
+           module=lambda b: Runtime("heads.MLP", (b["x"][-1], b["sizes"], b["norm"], b["act"], b["bias"], b["final_norm"])),
+           choices={"norm": ("bn", "ln", "none"), "act": ("relu", "gelu", "none")}))
+_add(OpDef("bn", "project", "BatchNorm over features.", (T("x", "tensor"),), _same, _dense(_norm_params),
+           module=lambda b: Runtime("heads.BatchNorm", (b["x"][-1],))))
+_add(OpDef("layernorm", "project", "LayerNorm over features.", (T("x", "tensor"),), _same, _dense(_norm_params),
+           module=lambda b: Runtime("torch.nn.LayerNorm", (b["x"][-1],))))
+_add(OpDef("relu", "project", "ReLU.", (T("x", "tensor"),), _same, function="heads.relu"))
+_add(OpDef("l2norm", "project", "Scale rows to unit length.", (T("x", "tensor"),), _same, function="heads.l2norm"))
 _add(OpDef("patches", "target", "Patch rows of an input, in tokenizer order: the reconstruction target of an MAE.",
-           (T("x", "tensor"), T("size", "ints")), _patches_shape))
+           (T("x", "tensor"), T("size", "ints")), _patches_shape, function="losses.patchify", positional=True))
 # losses
 _add(OpDef("nce", "loss", "Softmax InfoNCE between row-aligned embeddings (both directions by default).",
-           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True)), _nce_shape))
+           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True)), _nce_shape,
+           function="losses.nce", contrastive=True))
 _add(OpDef("mil_nce", "loss", "MIL-NCE between video and (several) text embeddings (VATT, MIL-NCE).",
-           (T("video", "tensor"), T("text", "tensor"), T("tau", "float", 0.07), T("normalize", "bool", False)), _milnce_shape))
+           (T("video", "tensor"), T("text", "tensor"), T("tau", "float", 0.07), T("normalize", "bool", False)), _milnce_shape,
+           function="losses.mil_nce", contrastive=True))
 _add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text similarity matrix (RO-ViT, MaMMUT).",
-           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0)), _nce_shape))
+           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0)), _nce_shape,
+           function="losses.focal_contrastive", contrastive=True))
 _add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE).",
-           (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True)), _mse_shape))
+           (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True)), _mse_shape,
+           function="losses.masked_mse", evaluates="reconstruction"))
 _add(OpDef("ce", "loss", "Softmax cross-entropy against class indices.", (T("logits", "tensor"), T("target", "tensor"),
-                                                                          T("label_smoothing", "float", 0.0)), _ce_shape))
+                                                                          T("label_smoothing", "float", 0.0)), _ce_shape,
+           function="losses.ce", evaluates="classifier"))
 _add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label); `reduction=sum_classes` sums over classes "
            "and averages over the batch (scenic, MBT) instead of averaging over both.",
            (T("logits", "tensor"), T("target", "tensor"), T("reduction", "name", "mean")),
-           lambda b, loc: (), choices={"reduction": ("mean", "sum_classes")}))
+           _bce_shape, choices={"reduction": ("mean", "sum_classes")}, function="losses.bce", evaluates="multilabel"))
 _add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding.",
-           (T("logits", "tensor"), T("tokens", "tensor")), _next_token_shape))
+           (T("logits", "tensor"), T("tokens", "tensor")), _next_token_shape, function="losses.next_token", evaluates="caption"))
+
+
+def of_category(category: str) -> list[OpDef]:
+    return [op for op in OPS.values() if op.category == category]
+
 
 
 def get(name: str, category: str | tuple, loc: Loc) -> OpDef:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .api import Analysis
-from .ir import CallNode, EncoderNode, Graph, InputNode, LossNode
+from .ir import EncoderNode, Graph
 
 KIND_COLORS = {"input": "#dbe9f6", "stream": "#fde7c8", "encoder": "#d5f0d5", "output": "#ead9f2", "loss": "#f7d4d4"}
 
@@ -30,20 +30,14 @@ class Dataflow:
     edges: list  # (from id, to id)
 
 
+_BOX_KINDS = {"inputs": "input", "encoders": "encoder", "losses": "loss", "outputs": "output", "streams": "stream"}
+
+
 def _box_of(node) -> tuple[str, str, str]:
-    """(box id, kind, name) for an IR node."""
-    if isinstance(node, InputNode):
-        return f"input:{node.id}", "input", node.id
-    if isinstance(node, EncoderNode):
-        return f"encoder:{node.id}", "encoder", node.id
-    if isinstance(node, LossNode) or node.id.startswith("loss."):
-        name = node.id[5:].split("~")[0]
-        return f"loss:{name}", "loss", name
-    if isinstance(node, CallNode):
-        name = node.id[4:].split("~")[0]
-        return f"output:{name}", "output", name
-    stream = getattr(node, "stream")
-    return f"stream:{stream}", "stream", stream
+    """(box id, kind, name) for an IR node: one box per spec component."""
+    group, name = node.component
+    kind = _BOX_KINDS[group]
+    return f"{kind}:{name}", kind, name
 
 
 def dataflow(analysis: Analysis) -> Dataflow:

@@ -12,13 +12,31 @@ from importlib import resources
 
 import jsonschema
 
+from . import ops
 from .diagnostics import SpecError, did_you_mean
 from .loader import Doc
 
 
+# keys whose value is an operator call -> which catalogue operators it takes
+OPERATOR_KEYS = {
+    ("stream", "tokenizer"): lambda op: op.category == "tokenizer",
+    ("stream", "position"): lambda op: op.category == "position",
+    ("stream", "drop"): lambda op: op.category == "drop" and not op.writes_mask,
+    ("stream", "mask"): lambda op: op.category == "drop" and op.writes_mask,
+    ("", "outputs"): lambda op: op.category in ("pool", "project", "target"),
+    ("", "losses"): lambda op: op.category == "loss",
+}
+
+
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    return json.loads(resources.files("avdsl").joinpath("schema.json").read_text())
+    """The JSON Schema, with the operators each call-valued key takes listed from the catalogue."""
+    root = json.loads(resources.files("avdsl").joinpath("schema.json").read_text())
+    for (definition, key), takes in OPERATOR_KEYS.items():
+        node = (root["$defs"][definition] if definition else root)["properties"][key]
+        names = ", ".join(f"`{op.name}`" for op in ops.OPS.values() if takes(op))
+        node["description"] = f"{node['description']} Operators: {names}."
+    return root
 
 
 def schema_text() -> str:

@@ -43,15 +43,10 @@ class StreamDecl:
     share: str | None = None  # a `from:` stream whose projection and mask token this one uses
     width: int | None = None
     loc: Loc = Loc("<spec>")
-    locs: dict = field(default_factory=dict, compare=False, hash=False)  # key -> Loc
+    locs: dict[str, Loc] = field(default_factory=dict, compare=False, hash=False)  # key -> where it is written
 
 
-@dataclass(frozen=True)
-class RuleDecl:
-    """A routing rule as written, with the layers it covers still symbolic."""
-
-    rule: ex.Rule
-    loc: Loc
+RoutingEntry = tuple  # (ex.Rule | ex.Use, Loc): a routing line as written, its layers still symbolic
 
 
 @dataclass(frozen=True)
@@ -66,11 +61,11 @@ class Sizes:
 class EncoderDecl:
     name: str
     streams: tuple[str, ...]
-    memory: dict  # local name -> Ref
+    memory: dict[str, ex.Ref]  # local name -> the encoder output it reads
     sizes: Sizes
     weights: str  # shared | per_stream
-    stream_sizes: dict  # stream -> Sizes (per_stream overrides)
-    passes: dict  # pass name -> tuple[RuleDecl | (Use, Loc)] ; "" when the encoder has no passes
+    stream_sizes: dict[str, Sizes]  # per_stream overrides
+    passes: dict[str, tuple[RoutingEntry, ...]]  # pass name ("" when the encoder has no passes) -> its routing
     norms: str
     final_norm: bool | str  # True: one per weight set; "shared": one for every stream; False: none
     bias: bool
@@ -78,11 +73,7 @@ class EncoderDecl:
     activation: str
     dropout: float
     loc: Loc
-    locs: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def has_passes(self) -> bool:
-        return list(self.passes) != [""]
+    locs: dict[str, Loc] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -98,23 +89,19 @@ class Spec:
 
     name: str
     doc_text: str
-    vars: dict
-    dims: dict
-    inputs: dict  # name -> InputDecl
-    streams: dict  # name -> StreamDecl
-    encoders: dict  # name -> EncoderDecl
-    rule_sets: dict  # name -> list[(Rule | Use, Loc)]
-    outputs: dict  # name -> NamedExpr
-    losses: dict  # name -> NamedExpr
-    train: dict
+    vars: dict[str, int | str]
+    dims: dict[str, int]
+    inputs: dict[str, InputDecl]
+    streams: dict[str, StreamDecl]
+    encoders: dict[str, EncoderDecl]
+    rule_sets: dict[str, tuple[RoutingEntry, ...]]
+    outputs: dict[str, NamedExpr]
+    losses: dict[str, NamedExpr]
+    train: dict  # training defaults, checked by the runtime's TrainConfig
     source: Doc
 
     def loc(self, *path) -> Loc:
         return self.source.loc(*path)
-
-
-def _expr_loc(doc: Doc, *path) -> Loc:
-    return doc.loc(*path)
 
 
 def _parse_call(doc: Doc, text, *path) -> ex.Call:

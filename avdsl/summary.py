@@ -67,7 +67,7 @@ def summarize(analysis: Analysis) -> dict:
     """The summary as plain data (stable keys: scripts read `avdsl build --json`)."""
     cost, g = analysis.cost, analysis.graph
     batch = analysis.spec.dims.get(str(next(iter(analysis.spec.inputs.values())).dims[0]), 1)
-    components = by_component(g, cost)
+    components = by_component(g, cost.params)
     encoders, by_weight_set = {}, {}
     for node in g.of_type(EncoderNode):
         sets = weight_sets(node)

@@ -19,9 +19,28 @@ tokens) and exists for tests and benchmarks.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Attend(NamedTuple):
+    """One routing entry of a layer: ``query`` attends to ``keys`` with the weight set ``weights``."""
+
+    query: str
+    keys: tuple[str, ...]
+    weights: str
+    causal: bool = False
+    cross: bool = False  # cross-attention to memory streams
+
+
+class LayerSizes(NamedTuple):
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
 
 
 class Block(nn.Module):
@@ -124,25 +143,26 @@ def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int]
 class StreamTransformer(nn.Module):
     """A transformer stack over named streams, executing a routing plan per pass.
 
-    ``plans``: {pass name: [layer -> tuple of attends]}, each attend a tuple
-    ``(query, keys, weights, causal, cross)``. ``sizes``: {weight set: (width, depth, heads, mlp_dim)}.
-    ``forward(**streams)`` returns {"stream"} or {"pass.stream"} -> tokens for every stream a pass updates.
+    ``plans``: {pass name: [layer -> tuple of `Attend`]}. ``sizes``: {weight set: `LayerSizes`}.
+    ``forward(**streams)`` returns {"stream"} or {"pass.stream"} -> tokens for every stream a pass updates;
+    streams whose names cannot be keywords (``class``) come in a dict as the first argument.
     """
 
     def __init__(self, plans: dict, sizes: dict, *, memory_widths: dict | None = None, norms: str = "shared",
                  final_norm: bool = True, bias: bool = True, eps: float = 1e-6, activation: str = "gelu",
                  dropout: float = 0.0):
         super().__init__()
-        self.plans = {p: [tuple(tuple(a) for a in layer) for layer in layers] for p, layers in plans.items()}
+        self.plans = {p: [tuple(Attend(*a) for a in layer) for layer in layers] for p, layers in plans.items()}
         norm_sets = tuple(plans) if norms == "per_pass" else ("",)
         self.norm_of = {p: _key(p if norms == "per_pass" else "") for p in plans}
         memory_widths = memory_widths or {}
         self.blocks = nn.ModuleDict()
+        sizes = {ws: LayerSizes(*size) for ws, size in sizes.items()}
         for ws, (width, depth, heads, mlp_dim) in sizes.items():
             layers = []
             for li in range(depth):
-                cross = [a for layers_ in self.plans.values() if li < len(layers_) for a in layers_[li] if a[4] and a[2] == ws]
-                cross_width = memory_widths[cross[0][1][0]] if cross else None
+                cross = [a for layers_ in self.plans.values() if li < len(layers_) for a in layers_[li] if a.cross and a.weights == ws]
+                cross_width = memory_widths[cross[0].keys[0]] if cross else None
                 layers.append(Block(width, heads, mlp_dim, bias=bias, eps=eps, activation=activation, dropout=dropout,
                                     norm_sets=norm_sets, cross_width=cross_width))
             self.blocks[ws] = nn.ModuleList(layers)
@@ -150,19 +170,21 @@ class StreamTransformer(nn.Module):
         self.final = nn.ModuleDict()
         self.shared_final = final_norm == "shared"
         if self.shared_final:
-            width = next(iter(sizes.values()))[0]
+            width = next(iter(sizes.values())).width
             self.final["shared"] = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
         elif final_norm:
-            for ws, (width, *_rest) in sizes.items():
-                self.final[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+            for ws, size in sizes.items():
+                self.final[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(size.width, eps=eps, bias=bias) for p in norm_sets})
         # which weight set's final norm applies to a stream: the last one that updated it
         self.final_of = {}
         for p, layers in self.plans.items():
             for layer in layers:
-                for (q, _k, ws, _c, _x) in layer:
-                    self.final_of[(p, q)] = ws
+                for a in layer:
+                    self.final_of[(p, a.query)] = a.weights
 
-    def forward(self, **streams: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, unnamed: dict | None = None, /, **streams: torch.Tensor) -> dict[str, torch.Tensor]:
+        if unnamed:
+            streams = {**unnamed, **streams}
         out: dict[str, torch.Tensor] = {}
         for pname, layers in self.plans.items():
             x = dict(streams)
@@ -170,7 +192,7 @@ class StreamTransformer(nn.Module):
             for li, layer in enumerate(layers):
                 x = self.layer(pname, li, layer, x)
                 for a in layer:
-                    updated.setdefault(a[0])
+                    updated.setdefault(a.query)
             nk = self.norm_of[pname]
             for s in updated:
                 y = x[s]
@@ -184,20 +206,20 @@ class StreamTransformer(nn.Module):
         nk = self.norm_of[pname]
         by_ws: dict[str, list] = {}
         for a in layer:
-            by_ws.setdefault(a[2], []).append(a)
+            by_ws.setdefault(a.weights, []).append(a)
         updates: dict[str, list[torch.Tensor]] = {}
         for ws, attends in by_ws.items():
             blk = self.blocks[ws][li]
-            selfs = [a for a in attends if not a[4]]
-            crosses = [a for a in attends if a[4]]
-            queries = list(dict.fromkeys(a[0] for a in attends))
+            selfs = [a for a in attends if not a.cross]
+            crosses = [a for a in attends if a.cross]
+            queries = list(dict.fromkeys(a.query for a in attends))
             h = {q: x[q] for q in queries}
             if selfs:
                 attn = self.self_attention(blk, nk, selfs, x)
                 for q, y in attn.items():
                     h[q] = h[q] + y
             for a in crosses:
-                h[a[0]] = h[a[0]] + self.cross_attention(blk, nk, a, h[a[0]], x)
+                h[a.query] = h[a.query] + self.cross_attention(blk, nk, a, h[a.query], x)
             # feed-forward over all of this weight set's query tokens at once
             names = list(h)
             sizes = [h[q].shape[1] for q in names]
@@ -215,13 +237,13 @@ class StreamTransformer(nn.Module):
         """Self-attention of one weight set: Q for query streams and K, V for key streams, each
         projected once; then one SDPA per group of query streams that read the same keys; then one
         output projection over every query token."""
-        queries = list(dict.fromkeys(a[0] for a in attends))
-        keys = list(dict.fromkeys(k for a in attends for k in a[1]))
+        queries = list(dict.fromkeys(a.query for a in attends))
+        keys = list(dict.fromkeys(k for a in attends for k in a.keys))
         q, kv = _project_qkv(blk, blk.norm1[nk], x, queries, keys)
         sizes = {s: x[s].shape[1] for s in queries + keys}
         groups: dict[tuple, list[str]] = {}
         for a in attends:
-            groups.setdefault((a[1], a[3]), []).append(a[0])
+            groups.setdefault((a.keys, a.causal), []).append(a.query)
         order, ys = [], []
         for (group_keys, causal), qs in groups.items():
             k, v = _cat([kv[s] for s in group_keys]).chunk(2, dim=-1)
@@ -240,8 +262,8 @@ class StreamTransformer(nn.Module):
         y = blk.drop(blk.proj(_cat(ys)))
         return dict(zip(order, torch.split(y, [sizes[s] for s in order], dim=1)))
 
-    def cross_attention(self, blk: Block, nk: str, attend: tuple, h: torch.Tensor, x: dict) -> torch.Tensor:
-        memory = torch.cat([x[k] for k in attend[1]], dim=1) if len(attend[1]) > 1 else x[attend[1][0]]
+    def cross_attention(self, blk: Block, nk: str, attend: Attend, h: torch.Tensor, x: dict) -> torch.Tensor:
+        memory = torch.cat([x[k] for k in attend.keys], dim=1) if len(attend.keys) > 1 else x[attend.keys[0]]
         q = blk.cross_q(blk.norm_cross[nk](h))
         k, v = blk.cross_kv(memory).chunk(2, dim=-1)
         y = F.scaled_dot_product_attention(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads))

@@ -1,6 +1,6 @@
 """Training losses, as pure functions of tensors that return a scalar.
 
-Generated model code calls these by their spec names (see ``LOSSES``). Every loss:
+Generated model code calls these by the names the operator catalogue (`avdsl.ops`) gives. Every loss:
 
 * returns the mean over the batch, so values are comparable across batch sizes;
 * computes in float32 (float64 when an input is float64), with autocast switched off inside, so
@@ -16,20 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-__all__ = [
-    "nce",
-    "mil_nce",
-    "focal_contrastive",
-    "masked_mse",
-    "patchify",
-    "unpatchify",
-    "ce",
-    "bce",
-    "next_token",
-    "LOSSES",
-    "LOSS_DOCS",
-]
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
@@ -276,16 +262,3 @@ def next_token(logits: Tensor, tokens: Tensor, pad: int = 0) -> Tensor:
         count = (target != pad).sum().clamp_min(1)
         return summed / count
 
-
-LOSSES = {
-    "nce": nce,
-    "mil_nce": mil_nce,
-    "focal_contrastive": focal_contrastive,
-    "masked_mse": masked_mse,
-    "ce": ce,
-    "bce": bce,
-    "next_token": next_token,
-}
-
-# One line per loss for generated docs: the first line of its docstring.
-LOSS_DOCS = {name: fn.__doc__.strip().splitlines()[0] for name, fn in LOSSES.items()}

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from . import devices
 from .contracts import InputSpec
 
 
@@ -31,7 +32,7 @@ def timed_step(model, batch: dict, precision: str = "fp32", backward: bool = Tru
     """One forward (and backward) pass; returns seconds and the outputs."""
     device_type = next(model.parameters()).device.type
     start = time.perf_counter()
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with devices.autocast(device_type, precision):
         out = model(**batch)
     if backward and out["loss"] is not None:
         out["loss"].backward()

@@ -15,7 +15,7 @@ from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.ir import EncoderNode
 from avdsl.routing import Attend, LayerPlan, token_mask
-from avdsl.runtime.encoder import StreamTransformer, dense_attention_reference
+from avdsl.runtime.encoder import Attend, StreamTransformer, dense_attention_reference
 
 WIDTH, HEADS = 16, 2
 COUNTS = {"audio": 5, "video": 7, "fusion": 3, "bottleneck": 2, "text": 6, "image": 4, "cls": 1}
@@ -113,7 +113,7 @@ def test_planned_self_attention_equals_reference_per_layer(case):
     blk = st.blocks["shared"][0]
     mask = torch.tensor(token_mask(LayerPlan(tuple(layer)), COUNTS, tuple(x)))
     with torch.no_grad():
-        planned = st.self_attention(blk, "all", [(a.query, a.keys, a.weights, a.causal, a.cross) for a in layer], x)
+        planned = st.self_attention(blk, "all", [Attend(a.query, a.keys, a.weights, a.causal, a.cross) for a in layer], x)
         dense = dense_attention_reference(blk, "all", x, tuple(x), mask)
     for s in planned:
         torch.testing.assert_close(planned[s], dense[s], atol=1e-5, rtol=1e-5)
@@ -153,7 +153,7 @@ def test_cost_pass_matches_counted_encoder_flops(name):
     for node in analysis.graph.nodes():
         if not isinstance(node, EncoderNode):
             continue
-        st = getattr(model, codegen.attr(node.id))
+        st = getattr(model, codegen.attr_names(analysis.graph)[node.id])
         x = {s: torch.randn(1, analysis.graph.tensors[t].shape[1], analysis.graph.tensors[t].shape[2])
              for s, t in zip(node.streams + node.memory, node.inputs)}
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -37,7 +37,7 @@ def test_counts_match_the_reference_and_the_built_model():
 
 def test_count_per_component():
     analysis = analyse("cav-mae")
-    parts = by_component(analysis.graph, analysis.cost)
+    parts = by_component(analysis.graph, analysis.cost.params)
     ln768, ln512 = 2 * 768, 2 * 512
     assert parts["encoders.unimodal"] == 2 * 11 * (layer(768) + 2 * ln768)
     assert parts["encoders.joint"] == layer(768) + 3 * 2 * ln768 + 3 * ln768  # 3 passes' norms, 3 final norms

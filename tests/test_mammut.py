@@ -42,7 +42,7 @@ def test_counts_match_the_built_model(overrides, total):
 
 def test_port_count_per_component():
     analysis = analyse("mammut", PORT)
-    parts = by_component(analysis.graph, analysis.cost)
+    parts = by_component(analysis.graph, analysis.cost.params)
     assert parts == {
         "streams.image": (3 * 256 * 768 + 768) + 196 * 768 + 768,  # patches, positions, CLS
         "encoders.vision": 12 * LAYER + 1536,  # ViT-B/16 and its final LayerNorm

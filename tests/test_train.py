@@ -363,3 +363,24 @@ def test_kill_9_mid_checkpoint_then_resume(tmp_path):
     assert load_checkpoint(final, TinyAV(), spec_hash=HASH).step == killed_at + 3
     steps_logged = [r["step"] for r in records(run_dir, "train")]
     assert steps_logged == list(range(1, killed_at + 4))  # one continuous log, no repeats
+
+
+def test_weight_decay_by_role_in_a_compiled_model():
+    """Patch and tubelet projections are weights (decayed); positions, type embeddings, latent and CLS
+    tokens, norms, biases and embedding tables are not, whatever their names."""
+    from avdsl.api import build_model
+
+    _, model = build_model("tiny/vatt")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert {"video_tokenize.proj.weight", "audio_tokenize.proj.weight", "text_tokenize.proj.weight"} <= decayed
+    assert {"audio_position.pos", "video_position.axes.0", "video_cls.tokens", "audio_cls.tokens"} <= kept
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert not any(n.endswith(".bias") for n in decayed)
+    _, zorro = build_model("tiny/zorro")
+    decay, no_decay = param_groups(zorro, 0.1)
+    names = {id(p): n for n, p in zorro.named_parameters()}
+    assert "fusion_latent.tokens" in {names[id(p)] for p in no_decay["params"]}
+    assert "audio_tokenize.proj.weight" in {names[id(p)] for p in decay["params"]}

@@ -1,7 +1,7 @@
 """Information flow over the graph IR: which sources each tensor depends on, layer by layer.
 
-A *source* is where information enters the model: an input (``input:frames``) or a stream's own
-tokens (``stream:fusion``, which for a latent stream are learned constants and for an input stream are
+A *source* is where information enters the model: an input (``Source("input", "frames")``) or a
+stream's own tokens (``Source("stream", "fusion")``, which for a latent stream are learned constants and for an input stream are
 its tokenized input). A tensor depends on a source when some path of reads leads from the source to
 it. Inside an encoder the path follows the routing plan: in each layer a query stream takes in what
 its key streams held *before* that layer (all streams update at once, as in the runtime), and every
@@ -10,8 +10,16 @@ pass starts again from the encoder's input streams. Lint rules reason about thes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from ..ir import EncoderNode, Graph, InputNode
+from ..ir import KINDS, EncoderNode, Graph, InputNode, encoder_output, visit
+
+
+class Source(NamedTuple):
+    """Where information enters: an input, or a stream's own tokens."""
+
+    kind: str  # "input" | "stream"
+    name: str
 
 
 @dataclass(frozen=True)
@@ -27,33 +35,37 @@ class Entry:
 
 @dataclass
 class Flow:
-    deps: dict = field(default_factory=dict)  # tensor name -> frozenset of sources
+    deps: dict = field(default_factory=dict)  # tensor name -> frozenset of `Source`
     entries: dict = field(default_factory=dict)  # (encoder output tensor, source) -> Entry
     stream_of: dict = field(default_factory=dict)  # tensor name -> the stream whose tokens it holds
 
     def sources_of(self, tensor: str, kind: str) -> set[str]:
         """The sources of one kind (``input`` or ``stream``) a tensor depends on, without the prefix."""
-        return {s.split(":", 1)[1] for s in self.deps.get(tensor, ()) if s.startswith(kind + ":")}
+        return {s.name for s in self.deps.get(tensor, ()) if s.kind == kind}
+
+
+def _input(node: InputNode, flow: Flow) -> None:
+    flow.deps[node.outputs[0]] = frozenset({Source("input", node.decl.name)})
+
+
+def _through(node, flow: Flow) -> None:
+    """Any other node: its outputs depend on what it reads (and on its stream's own tokens)."""
+    read = frozenset().union(*(flow.deps.get(t, frozenset()) for t in node.inputs))
+    stream = getattr(node, "stream", None)
+    if stream is not None:
+        read = read | {Source("stream", stream)}
+    for t in node.outputs:
+        flow.deps[t] = read
+        if stream is not None:
+            flow.stream_of[t] = stream
 
 
 def analyse_flow(graph: Graph) -> Flow:
     """Compute, for every tensor of ``graph``, the sources it depends on."""
     flow = Flow()
-    deps = flow.deps
+    rules = {**{kind: _through for kind in KINDS}, "input": _input, "encoder": _encoder}
     for node in graph.nodes():
-        if isinstance(node, InputNode):
-            deps[node.outputs[0]] = frozenset({f"input:{node.decl.name}"})
-        elif isinstance(node, EncoderNode):
-            _encoder(node, flow)
-        else:
-            read = frozenset().union(*(deps.get(t, frozenset()) for t in node.inputs))
-            stream = getattr(node, "stream", None)
-            if stream is not None:
-                read = read | {f"stream:{stream}"}
-            for t in node.outputs:
-                deps[t] = read
-                if stream is not None:
-                    flow.stream_of[t] = stream
+        visit(rules, node, flow)
     return flow
 
 
@@ -72,7 +84,7 @@ def _encoder(node: EncoderNode, flow: Flow) -> None:
                     new[a.query] = new[a.query] | state[k]
             state = new
         for s in plan.streams():
-            key = f"{node.id}.{pname}.{s}" if pname else f"{node.id}.{s}"
+            key = encoder_output(node.id, pname, s)
             flow.deps[key] = state[s]
             flow.stream_of[key] = s
             for (q, source), entry in entered.items():
@@ -82,17 +94,4 @@ def _encoder(node: EncoderNode, flow: Flow) -> None:
 
 def reads(graph: Graph, flow: Flow, tensor: str) -> set[str]:
     """The streams an output reads directly or through other outputs (not through routing)."""
-    out: set[str] = set()
-    todo, seen = [tensor], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in flow.stream_of:
-            out.add(flow.stream_of[t])
-            continue
-        nid = graph.producer.get(t)
-        if nid is not None:
-            todo.extend(graph.node(nid).inputs)
-    return out
+    return {flow.stream_of[t] for t in graph.upstream(tensor, stop=lambda t: t in flow.stream_of) if t in flow.stream_of}

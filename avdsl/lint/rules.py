@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from .. import ops
 from ..api import Analysis
 from ..diagnostics import Diagnostic, Loc
 from ..ir import CallNode, EncoderNode, LatentNode, LossNode
 from ..passes.shapes import weight_sets
-from .flow import Flow, reads
+from .flow import Flow, Source, reads
 
 AUDIO_KINDS = ("fbank", "waveform")
 TARGET_KINDS = ("label", "multilabel")  # may be declared for evaluation or for specs that extend this one
@@ -74,7 +75,7 @@ def _final_dependants(ctx: Context) -> set[str]:
 def _dead_streams(rule: Rule, ctx: Context):
     used = _final_dependants(ctx)
     for name, s in ctx.analysis.spec.streams.items():
-        if f"stream:{name}" in used:
+        if Source("stream", name) in used:
             continue
         what = "latent tokens" if s.source == "latent" else "tokens"
         yield rule.finding(s.loc, f"no output or loss depends on stream '{name}': its {what} never reach an output",
@@ -114,7 +115,7 @@ def _unimodal_leaks(rule: Rule, ctx: Context):
         foreign = sorted(flow.sources_of(tensor, "input") - own)
         if not foreign:
             continue
-        via = _leak_path(ctx, tensor, f"input:{foreign[0]}")
+        via = _leak_path(ctx, tensor, Source("input", foreign[0]))
         yield rule.finding(spec.outputs[name].loc,
                            f"output '{name}' reads only stream '{stream}', but it depends on input"
                            f"{'s' if len(foreign) > 1 else ''} {', '.join(repr(f) for f in foreign)} through routing{via}",
@@ -122,22 +123,14 @@ def _unimodal_leaks(rule: Rule, ctx: Context):
                            f"if the mix is intended, rename the output or add `# noqa: {rule.code}` to its line")
 
 
-def _leak_path(ctx: Context, tensor: str, source: str) -> str:
+def _leak_path(ctx: Context, tensor: str, source: Source) -> str:
     """`` (layer 3 of backbone: audio <- fusion)`` for the first encoder output on the way that let it in."""
-    g, flow = ctx.analysis.graph, ctx.flow
-    todo, seen = [tensor], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        for (key, src), e in flow.entries.items():
-            if key == t and src == source:
-                where = f"{e.encoder}" + (f" pass {e.pass_}" if e.pass_ else "")
-                return f" (from layer {e.layer} of {where}: {flow.stream_of[t]} <- {e.via})"
-        nid = g.producer.get(t)
-        if nid is not None:
-            todo.extend(g.node(nid).inputs)
+    flow = ctx.flow
+    for t in ctx.analysis.graph.upstream(tensor):
+        e = flow.entries.get((t, source))
+        if e is not None:
+            where = f"{e.encoder}" + (f" pass {e.pass_}" if e.pass_ else "")
+            return f" (from layer {e.layer} of {where}: {flow.stream_of[t]} <- {e.via})"
     return ""
 
 
@@ -184,7 +177,7 @@ def _nonpositive_weights(rule: Rule, ctx: Context):
 def _self_comparisons(rule: Rule, ctx: Context):
     for item, node, terms in _loss_terms(ctx):
         for term in terms:
-            if isinstance(term, CallNode) and term.op in ("nce", "mil_nce", "focal_contrastive") and \
+            if isinstance(term, CallNode) and ops.OPS[term.op].contrastive and \
                     len(term.inputs) >= 2 and term.inputs[0] == term.inputs[1]:
                 yield rule.finding(item.loc, f"loss '{node.name}' contrasts '{term.inputs[0].removeprefix('out.')}' with itself",
                                    "a contrastive loss needs two different views, e.g. `nce(za, zv)`")
@@ -248,8 +241,9 @@ RULES: tuple[Rule, ...] = (
           """The training objective is the sum of the named losses, each a weighted sum of loss calls. A zero
           weight computes a term that trains nothing; a negative one maximises it.""", _nonpositive_weights),
     _rule("L402", "self-contrast", "A contrastive loss compares an output with itself.",
-          """nce, mil_nce and focal_contrastive pull matching rows of two embeddings together and push the
-          others apart. Given the same tensor twice, the positives are trivially matched.""", _self_comparisons),
+          """Contrastive losses (""" + ", ".join(op.name for op in ops.OPS.values() if op.contrastive) + """) pull matching
+          rows of two embeddings together and push the others apart. Given the same tensor twice, the positives
+          are trivially matched.""", _self_comparisons),
     _rule("L403", "no-losses", "The spec has no losses.",
           """Without `losses:` the model has no training objective; `avdsl train` needs at least one.""", _no_losses),
 )

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import ops
-from ..ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, LatentNode, PositionNode, RestoreNode,
-                  TokenizeNode, TypeEmbedNode)
-from .shapes import weight_sets
+from ..ir import CallNode, EncoderNode, FromNode, Graph, PositionNode, TokenizeNode, visit
+from ..ops import size_of as _n
+from .shapes import call_bound, weight_sets
 
 
 @dataclass
@@ -33,18 +33,6 @@ class Cost:
     @property
     def total_flops(self) -> int:
         return sum(self.flops.values())
-
-
-def _n(x) -> int:
-    """A token count as a number (symbolic counts are not expected here; treat as 1)."""
-    return x if isinstance(x, int) else 1
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= _n(d)
-    return out
 
 
 def layer_params(width: int, mlp_dim: int, bias: bool, activation: str, norms: int) -> int:
@@ -131,81 +119,65 @@ def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
     return total
 
 
+def _op_cost(op: ops.OpDef, node, graph: Graph, **facts) -> ops.OpCost:
+    """The cost of a stream operator (tokenizer, position) on the tokens or input ``x`` it reads."""
+    b = ops.bound_for(op, {**node.args, "x": graph.tensors[node.inputs[0]].shape}, **facts)
+    return op.cost(b) if op.cost else ops.OpCost()
+
+
+def _tokenize(node: TokenizeNode, graph: Graph, cost: Cost) -> ops.OpCost:
+    out = graph.tensors[node.outputs[0]]
+    return _op_cost(ops.OPS[node.op], node, graph, kind=graph.spec.inputs[node.inputs[0]].kind, width=out.shape[2], out=out.shape)
+
+
+def _position(node: PositionNode, graph: Graph, cost: Cost) -> ops.OpCost:
+    x = graph.tensors[node.inputs[0]]
+    return _op_cost(ops.OPS[node.op], node, graph, grid=x.grid, width=x.shape[2])
+
+
+def _from(node: FromNode, graph: Graph, cost: Cost) -> ops.OpCost:
+    w_in, w_out = graph.tensors[node.inputs[0]].shape[2], graph.tensors[node.outputs[0]].shape[2]
+    if w_in == w_out:
+        return ops.OpCost()
+    return ops.OpCost(0 if node.share else w_in * w_out + w_out, 0, 2 * _n(graph.tensors[node.inputs[0]].shape[1]) * w_in * w_out)
+
+
+def _call(node: CallNode, graph: Graph, cost: Cost) -> ops.OpCost:
+    op = ops.OPS[node.op]
+    return op.cost(call_bound(node, graph)) if op.cost else ops.OpCost()
+
+
+RULES = {
+    "input": lambda node, graph, cost: ops.OpCost(),
+    "tokenize": _tokenize,
+    "position": _position,
+    "typeembed": lambda node, graph, cost: ops.OpCost(graph.tensors[node.inputs[0]].shape[2]),
+    "latent": lambda node, graph, cost: ops.OpCost(node.count * graph.tensors[node.outputs[0]].shape[2]),
+    "drop": lambda node, graph, cost: ops.OpCost(),
+    # the mask token (counted once when shared)
+    "restore": lambda node, graph, cost: ops.OpCost(0 if node.share else graph.tensors[node.outputs[0]].shape[2]),
+    "from": _from,
+    "encoder": lambda node, graph, cost: ops.OpCost(encoder_params(node, graph), 0, encoder_flops(node, graph, cost)),
+    "call": _call,
+    "loss": lambda node, graph, cost: ops.OpCost(),
+}
+
+
 def count(graph: Graph) -> Cost:
     """Parameters (per node, frozen apart) and forward FLOPs per sample for the whole graph."""
     cost = Cost()
-    t = graph.tensors
     for node in graph.nodes():
-        p = f = frozen = 0
-        if isinstance(node, TokenizeNode):
-            a = node.args
-            x, out = t[node.inputs[0]], t[node.outputs[0]]
-            width, tokens = out.shape[2], _n(out.shape[1])
-            if node.op == "embed":
-                dim = a["dim"] or width
-                p = a["vocab"] * dim + ((dim * width + width) if a["dim"] else 0)
-                frozen = a["vocab"] * dim if a["frozen"] else 0
-                f = 2 * tokens * dim * width if a["dim"] else 0
-            else:
-                kind = graph.spec.inputs[node.inputs[0]].kind
-                channels = a.get("channels") or (_n(x.shape[1]) if kind in ("image", "video") else 1)
-                patch = {"patch2d": a.get("h", 1) * a.get("w", 1), "tubelet": a.get("t", 1) * a.get("h", 1) * a.get("w", 1),
-                         "wave1d": a.get("k", 1)}[node.op]
-                p = channels * patch * width + width
-                f = 2 * tokens * channels * patch * width
-        elif isinstance(node, PositionNode):
-            x = t[node.inputs[0]]
-            width = x.shape[2]
-            if node.op == "learned":
-                p = (node.args["size"] or _n(x.shape[1])) * width + (2 * width if node.args["norm"] else 0)
-            elif node.op == "factorized":
-                p = sum(_n(g) for g in x.grid) * width + (2 * width if node.args["norm"] else 0)
-            elif node.op == "sincos2d":
-                p = frozen = _n(x.shape[1]) * width
-        elif isinstance(node, TypeEmbedNode):
-            p = t[node.inputs[0]].shape[2]
-        elif isinstance(node, LatentNode):
-            p = node.count * t[node.outputs[0]].shape[2]
-        elif isinstance(node, RestoreNode):
-            p = 0 if node.share else t[node.outputs[0]].shape[2]  # the mask token (counted once when shared)
-        elif isinstance(node, FromNode):
-            w_in, w_out = t[node.inputs[0]].shape[2], t[node.outputs[0]].shape[2]
-            if w_in != w_out:
-                p = 0 if node.share else w_in * w_out + w_out
-
-                f = 2 * _n(t[node.inputs[0]].shape[1]) * w_in * w_out
-        elif isinstance(node, EncoderNode):
-            p = encoder_params(node, graph)
-            f = encoder_flops(node, graph, cost)
-        elif isinstance(node, CallNode):
-            op = ops.OPS[node.op]
-            if op.n_params is not None:
-                bound = dict(node.args)
-                bound["x"] = t[node.inputs[0]].shape
-                p = op.n_params(bound)
-                rows = _prod(t[node.inputs[0]].shape[1:-1]) or 1
-                f = 2 * rows * p
-        cost.params[node.id] = p
-        cost.frozen[node.id] = frozen
-        cost.flops[node.id] = f
+        c = visit(RULES, node, graph, cost)
+        cost.params[node.id] = c.params
+        cost.frozen[node.id] = c.frozen
+        cost.flops[node.id] = c.flops
     return cost
 
 
-def by_component(graph: Graph, cost: Cost) -> dict[str, int]:
-    """Parameters grouped by what a reader recognises: each stream's embedding, each encoder, each output."""
+def by_component(graph: Graph, per_node: dict[str, int]) -> dict[str, int]:
+    """A per-node count (``cost.params``, ``cost.flops``) summed per component."""
     out: dict[str, int] = {}
-    for nid, p in cost.params.items():
-        node = graph.node(nid)
-        key = node.component
-        if key.startswith("out."):
-            key = "outputs." + key[4:].split("~")[0]
-        elif key.startswith("loss."):
-            key = "losses." + key[5:].split("~")[0]
-        elif getattr(node, "stream", None) and not isinstance(node, EncoderNode):
-            key = f"streams.{node.stream}"
-        elif isinstance(node, EncoderNode):
-            key = f"encoders.{node.id}"
-        else:
-            key = f"inputs.{key}"
-        out[key] = out.get(key, 0) + p
+    for nid, value in per_node.items():
+        key = ".".join(graph.node(nid).component)
+        out[key] = out.get(key, 0) + value
     return {k: v for k, v in out.items() if v}

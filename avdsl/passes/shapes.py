@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from .. import ops
 from ..diagnostics import SpecError
 from ..ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, InputNode, LatentNode, LossNode,
-                  PositionNode, RestoreNode, TensorInfo, TokenizeNode, TypeEmbedNode)
-from ..ops import fmt
+                  PositionNode, RestoreNode, TensorInfo, TokenizeNode, encoder_output, visit)
+from ..ops import divisors, fmt
 from ..spec import Sizes, Spec
 
 
@@ -78,116 +78,95 @@ def _widths_from_via(node: EncoderNode, widths: dict) -> None:
                 widths[s] = (sizes.pop(), enc)
 
 
-def _tokenize(node: TokenizeNode, x: TensorInfo, kind: str, width: int, loc) -> TensorInfo:
-    a, shape = node.args, x.shape
-    batch = shape[0]
+@dataclass(frozen=True)
+class _Pass:
+    """What every shape rule may read: the graph (whose ``tensors`` it fills) and the stream widths."""
 
-    def divide(dims, sizes, names):
-        grid = []
-        for dim, size, name in zip(dims, sizes, names):
-            if isinstance(dim, int) and dim % size:
-                raise SpecError(loc, f"{node.op} size {size} does not divide the input's {name} {dim} (input {fmt(shape)})",
-                                f"choose a size that divides {dim}, e.g. {', '.join(str(d) for d in _divisors(dim, size))}", code="H302")
-            grid.append(dim // size if isinstance(dim, int) else dim)
-        return tuple(grid)
+    graph: Graph
+    widths: dict
 
-    if node.op == "patch2d":
-        if kind not in ("image", "fbank"):
-            raise SpecError(loc, f"patch2d() tokenizes an image or fbank input; '{node.inputs[0]}' is {kind} {fmt(shape)}",
-                            "use tubelet(t, h, w) for video, wave1d(k) for waveforms, embed(vocab) for text")
-        grid = divide(shape[-2:], (a["h"], a["w"]), ("height" if kind == "image" else "time frames", "width" if kind == "image" else "mel bins"))
-    elif node.op == "tubelet":
-        if kind != "video":
-            raise SpecError(loc, f"tubelet() tokenizes a video input [B, C, T, H, W]; '{node.inputs[0]}' is {kind} {fmt(shape)}",
-                            "use patch2d(h, w) for images and spectrograms")
-        grid = divide(shape[-3:], (a["t"], a["h"], a["w"]), ("frames", "height", "width"))
-    elif node.op == "wave1d":
-        if kind != "waveform":
-            raise SpecError(loc, f"wave1d() tokenizes a waveform input [B, S]; '{node.inputs[0]}' is {kind} {fmt(shape)}",
-                            "use patch2d(h, w) for spectrograms")
-        grid = divide(shape[-1:], (a["k"],), ("samples",))
-    else:  # embed
-        if kind != "text":
-            raise SpecError(loc, f"embed() looks up text token ids [B, L]; '{node.inputs[0]}' is {kind} {fmt(shape)}",
-                            "use a patch tokenizer for signals")
-        grid = (shape[1],)
+    def info(self, tensor: str) -> TensorInfo:
+        return self.graph.tensors[tensor]
+
+
+def _input(node: InputNode, p: _Pass) -> TensorInfo:
+    return TensorInfo(tuple(node.decl.dims), "long" if node.decl.kind in ("text", "label") else "float")
+
+
+def _tokenize(node: TokenizeNode, p: _Pass) -> TensorInfo:
+    op, x = ops.OPS[node.op], p.info(node.inputs[0])
+    decl = p.graph.spec.inputs[node.inputs[0]]
+    b = ops.bound_for(op, {**node.args, "x": x.shape}, decls={"x": decl}, kind=decl.kind, width=p.widths[node.stream],
+                      stream=node.stream)
+    grid = op.shape(b, node.loc)
     count = 1
     for g in grid:
         count = count * g if isinstance(g, int) and isinstance(count, int) else "N"
-    return TensorInfo((batch, count, width), grid=grid)
+    return TensorInfo((x.shape[0], count, p.widths[node.stream]), grid=grid)
 
 
-def _divisors(dim: int, near: int) -> list[int]:
-    ds = [d for d in range(1, dim + 1) if dim % d == 0]
-    return sorted(ds, key=lambda d: abs(d - near))[:3]
+def _position(node: PositionNode, p: _Pass) -> TensorInfo:
+    op, x = ops.OPS[node.op], p.info(node.inputs[0])
+    op.shape(ops.bound_for(op, {**node.args, "x": x.shape}, grid=x.grid, width=p.widths[node.stream], stream=node.stream), node.loc)
+    return x
+
+
+def _latent(node: LatentNode, p: _Pass) -> TensorInfo:
+    w = p.widths[node.stream]
+    if not node.prepend:
+        return TensorInfo((_batch(p.graph.spec), node.count, w))
+    x = p.info(node.inputs[0])
+    return TensorInfo((x.shape[0], x.shape[1] + node.count if isinstance(x.shape[1], int) else x.shape[1], w))
+
+
+def _drop(node: DropNode, p: _Pass) -> TensorInfo:
+    op, x = ops.OPS[node.op], p.info(node.inputs[0])
+    n = x.shape[1]
+    keep = int(n * (1 - node.rate)) if isinstance(n, int) else n
+    if isinstance(keep, int) and keep < 1:
+        raise SpecError(node.loc, f"{node.op}({node.rate}) would keep no token of the stream's {n}", "lower the rate")
+    if op.writes_mask:
+        p.graph.tensors[node.outputs[1]] = TensorInfo((x.shape[0], n), "float", grid=x.grid)
+        p.graph.tensors[node.outputs[2]] = TensorInfo((x.shape[0], n), "long", grid=x.grid)
+    return TensorInfo((x.shape[0], keep, x.shape[2]), train_only_shape=x.shape if op.train_only else None)
+
+
+def _restore(node: RestoreNode, p: _Pass) -> TensorInfo:
+    x, mask = p.info(node.inputs[0]), p.info(node.inputs[1])
+    kept = p.info(f"{node.masked}/kept").shape[1]
+    if x.shape[1] != kept:
+        raise SpecError(node.loc, f"restore: the stream has {x.shape[1]} tokens but '{node.masked}' kept {kept}",
+                        "restore the tokens that came out of the masked stream, without extra tokens")
+    return TensorInfo((x.shape[0], mask.shape[1], x.shape[2]), grid=mask.grid)
+
+
+def _from(node: FromNode, p: _Pass) -> TensorInfo:
+    x = p.info(node.inputs[0])
+    return TensorInfo((x.shape[0], x.shape[1], p.widths[node.stream]), grid=x.grid)
+
+
+def _encoder(node: EncoderNode, p: _Pass) -> None:
+    _encoder_shapes(node, p.graph, p.widths)
+
+
+def _loss(node: LossNode, p: _Pass) -> TensorInfo:
+    return TensorInfo(())
+
+
+RULES = {"input": _input, "tokenize": _tokenize, "position": _position, "typeembed": lambda node, p: p.info(node.inputs[0]),
+         "latent": _latent, "drop": _drop, "restore": _restore, "from": _from, "encoder": _encoder,
+         "call": lambda node, p: _call_shape(node, p.graph), "loss": _loss}
 
 
 def infer_shapes(graph: Graph) -> Graph:
     """Fill ``graph.tensors`` with a `TensorInfo` per tensor; raise `SpecError` at the first mismatch."""
-    spec = graph.spec
-    widths = stream_widths(spec, graph)
-    t = graph.tensors
+    p = _Pass(graph, stream_widths(graph.spec, graph))
     for node in graph.nodes():
-        loc = node.loc
-        if isinstance(node, InputNode):
-            dtype = "long" if node.decl.kind in ("text", "label") else "float"
-            t[node.outputs[0]] = TensorInfo(tuple(node.decl.dims), dtype)
-        elif isinstance(node, TokenizeNode):
-            kind = spec.inputs[node.inputs[0]].kind
-            t[node.outputs[0]] = _tokenize(node, t[node.inputs[0]], kind, widths[node.stream], loc)
-        elif isinstance(node, PositionNode):
-            x = t[node.inputs[0]]
-            n = x.shape[1]
-            if node.op == "learned" and node.args["size"] and isinstance(n, int) and node.args["size"] < n:
-                raise SpecError(loc, f"learned({node.args['size']}) has fewer positions than the stream's {n} tokens",
-                                f"use learned() (one per token) or learned({n})")
-            if node.op in ("factorized", "sincos2d") and x.grid is None:
-                raise SpecError(loc, f"{node.op}() needs a token grid; stream '{node.stream}' has none (latent or continued tokens)",
-                                "use learned() here")
-            if node.op == "sincos2d" and len(x.grid) != 2:
-                raise SpecError(loc, f"sincos2d() needs a 2-D token grid; stream '{node.stream}' has a {len(x.grid)}-D grid {x.grid}",
-                                "use factorized() or learned() for video tubelets")
-            if node.op == "sincos2d" and widths[node.stream] % 4:
-                raise SpecError(loc, f"sincos2d() needs a width divisible by 4, got {widths[node.stream]}", "choose a width divisible by 4")
-            t[node.outputs[0]] = x
-        elif isinstance(node, TypeEmbedNode):
-            t[node.outputs[0]] = t[node.inputs[0]]
-        elif isinstance(node, LatentNode):
-            w = widths[node.stream]
-            if node.prepend:
-                x = t[node.inputs[0]]
-                n = x.shape[1] + node.count if isinstance(x.shape[1], int) else x.shape[1]
-                t[node.outputs[0]] = TensorInfo((x.shape[0], n, w))
-            else:
-                t[node.outputs[0]] = TensorInfo((_batch(spec), node.count, w))
-        elif isinstance(node, DropNode):
-            x = t[node.inputs[0]]
-            n = x.shape[1]
-            keep = int(n * (1 - node.rate)) if isinstance(n, int) else n
-            if isinstance(keep, int) and keep < 1:
-                raise SpecError(loc, f"{node.op}({node.rate}) would keep no token of the stream's {n}", "lower the rate")
-            t[node.outputs[0]] = TensorInfo((x.shape[0], keep, x.shape[2]), train_only_shape=x.shape if node.op == "droptoken" else None)
-            if node.op == "random_mask":
-                t[node.outputs[1]] = TensorInfo((x.shape[0], n), "float", grid=x.grid)
-                t[node.outputs[2]] = TensorInfo((x.shape[0], n), "long", grid=x.grid)
-        elif isinstance(node, RestoreNode):
-            x, mask = t[node.inputs[0]], t[node.inputs[1]]
-            kept = graph.tensors[f"{node.masked}/kept"].shape[1]
-            if x.shape[1] != kept:
-                raise SpecError(loc, f"restore: the stream has {x.shape[1]} tokens but '{node.masked}' kept {kept}",
-                                "restore the tokens that came out of the masked stream, without extra tokens")
-            t[node.outputs[0]] = TensorInfo((x.shape[0], mask.shape[1], x.shape[2]), grid=mask.grid)
-        elif isinstance(node, FromNode):
-            x = t[node.inputs[0]]
-            t[node.outputs[0]] = TensorInfo((x.shape[0], x.shape[1], widths[node.stream]), grid=x.grid)
-        elif isinstance(node, EncoderNode):
-            _encoder_shapes(node, graph, widths)
-        elif isinstance(node, CallNode):
-            t[node.outputs[0]] = _call_shape(node, graph)
-        elif isinstance(node, LossNode):
-            t[node.outputs[0]] = TensorInfo(())
-    _check_shared_linears(graph)
-    _check_shares(graph, widths)
+        info = visit(RULES, node, p)
+        if info is not None:
+            graph.tensors[node.outputs[0]] = info
+    _check_shared_calls(graph)
+    _check_shares(graph, p.widths)
     return graph
 
 
@@ -206,27 +185,33 @@ def _check_shares(graph: Graph, widths: dict) -> None:
                             "streams that share a projection need the same widths on both sides")
 
 
-def _check_shared_linears(graph: Graph) -> None:
-    """``linear(x, out, shared=NAME)`` reuses the weights of output NAME: NAME must be a plain linear
-    output (not itself shared) with the same input width, output size and bias."""
-    def own_linear(node) -> bool:
-        return isinstance(node, CallNode) and node.op == "linear" and not node.args.get("shared")
+def _check_shared_calls(graph: Graph) -> None:
+    """A call with a `share` argument (``linear(x, out, shared=NAME)``) runs the module of output NAME:
+    NAME must be an output of the same operator with its own weights and the same input width and arguments."""
+    def owns(node, op) -> bool:
+        return isinstance(node, CallNode) and node.op == op.name and not node.args.get(op.share)
+
+    def signature(node) -> tuple:
+        widths = (graph.tensors[node.inputs[0]].shape[-1], graph.tensors[node.outputs[0]].shape[-1])
+        return widths + tuple(v for k, v in node.args.items() if k != ops.OPS[node.op].share)
 
     for node in graph.of_type(CallNode):
-        name = node.args.get("shared") if node.op == "linear" else None
+        op = ops.OPS[node.op]
+        name = node.args.get(op.share) if op.share else None
         if not name:
             continue
         target = graph.outputs.get(name)
         owner = graph.node(graph.producer[target]) if target in graph.producer else None
-        if not own_linear(owner):
-            linears = [n for n, t in graph.outputs.items() if own_linear(graph.node(graph.producer[t]))]
-            raise SpecError(node.loc, f"`shared={name}` must name an output that is a linear layer with its own weights",
-                            ("linear outputs here: " + ", ".join(linears)) if linears else "define e.g. `logits_a: linear(x, 10)` first")
-        mine = (graph.tensors[node.inputs[0]].shape[-1], node.args["out"], node.args["bias"])
-        theirs = (graph.tensors[owner.inputs[0]].shape[-1], owner.args["out"], owner.args["bias"])
+        if not owns(owner, op):
+            candidates = [n for n, t in graph.outputs.items() if owns(graph.node(graph.producer[t]), op)]
+            raise SpecError(node.loc, f"`{op.share}={name}` must name an output that is a {op.name} layer with its own weights",
+                            (f"{op.name} outputs here: " + ", ".join(candidates)) if candidates
+                            else f"define e.g. `{name}: {ops.usage(op)}` first")
+        mine, theirs = signature(node), signature(owner)
         if mine != theirs:
-            raise SpecError(node.loc, f"`shared={name}`: this linear maps {mine[0]} -> {mine[1]} (bias {mine[2]}), "
-                            f"'{name}' maps {theirs[0]} -> {theirs[1]} (bias {theirs[2]})", "a shared layer needs the same sizes")
+            raise SpecError(node.loc, f"`{op.share}={name}`: this {op.name} maps {mine[0]} -> {mine[1]} ({ops.args_text(op, node.args)}), "
+                            f"'{name}' maps {theirs[0]} -> {theirs[1]} ({ops.args_text(op, owner.args)})",
+                            "a shared layer needs the same sizes")
 
 
 def _batch(spec: Spec):
@@ -245,7 +230,7 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
     for ws in sets.values():
         if ws.sizes.width % ws.sizes.heads:
             raise SpecError(enc.locs.get("heads", enc.loc), f"width {ws.sizes.width} is not divisible by {ws.sizes.heads} heads "
-                            f"in encoder '{enc.name}'", f"use heads that divide {ws.sizes.width}, e.g. {_divisors(ws.sizes.width, ws.sizes.heads)}",
+                            f"in encoder '{enc.name}'", f"use heads that divide {ws.sizes.width}, e.g. {divisors(ws.sizes.width, ws.sizes.heads)}",
                             code="H301")
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
     for pname, plan in node.plans.items():
@@ -263,45 +248,25 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
                     # handled by a boolean mask in the runtime; nothing to check here
                     pass
         for s in plan.streams():
-            key = f"{enc.name}.{pname}.{s}" if pname else f"{enc.name}.{s}"
+            key = encoder_output(enc.name, pname, s)
             t[key] = t[stream_in[s]]
 
 
-def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
+def call_bound(node: CallNode, graph: Graph) -> ops.Bound:
+    """A call's arguments for its operator's rules: tensor parameters bound to their shapes (a list for
+    variadic ones) and, when they read a spec input directly, to its declaration in ``decls``."""
     op = ops.OPS[node.op]
-    bound = ops.Bound(node.args)
-    bound.cols = {}
-    shapes = [graph.tensors[i].shape for i in node.inputs]
-    for param, shape in zip(node.tensor_params, shapes):
-        if any(p.name == param and p.kind == "tensors" for p in op.params):
-            bound.setdefault(param, []).append(shape)
+    b = ops.bound_for(op, node.args)
+    variadic = {p.name for p in op.params if p.kind == "tensors"}
+    for param, tensor in zip(node.tensor_params, node.inputs):
+        shape = graph.tensors[tensor].shape
+        if param in variadic:
+            b.setdefault(param, []).append(shape)
         else:
-            bound[param] = shape
-    bound["_op"] = op.name
-    loc = node.loc
-    # checks that need to know which input is which
-    if op.name in ("ce", "bce"):
-        logits, target = bound["logits"], bound["target"]
-        decl = graph.spec.inputs.get(node.inputs[1])
-        if decl is not None and decl.classes and logits[-1] != decl.classes:
-            raise SpecError(loc, f"{op.name}(): the logits have {logits[-1]} classes but '{decl.name}' has {decl.classes}",
-                            f"make the classifier `linear(..., {decl.classes})`")
-        if op.name == "ce" and decl is not None and decl.kind != "label":
-            raise SpecError(loc, f"ce() needs class indices; '{decl.name}' is {decl.kind}", "use bce() for multilabel targets")
-        if op.name == "bce" and decl is not None and decl.kind != "multilabel":
-            raise SpecError(loc, f"bce() needs 0/1 targets; '{decl.name}' is {decl.kind}", "use ce() for class indices")
-    if op.name == "next_token":
-        decl = graph.spec.inputs.get(node.inputs[1])
-        if decl is None or decl.kind != "text":
-            raise SpecError(loc, "next_token() predicts the tokens of a text input", "pass the text input, e.g. `next_token(logits, caption)`")
-    if op.name == "masked_mse":
-        mask = bound["mask"]
-        if tuple(mask) != tuple(bound["pred"][:2]):
-            raise SpecError(loc, f"masked_mse: the mask {fmt(mask)} does not match the prediction {fmt(bound['pred'])}",
-                            "pass the mask of the stream the prediction reconstructs, e.g. `audio.mask`")
-    if op.name == "patches":
-        decl = graph.spec.inputs.get(node.inputs[0])
-        if decl is None:
-            raise SpecError(loc, "patches() cuts an input into patch rows", "e.g. `patches(fbank, [16, 16])`")
-    shape = op.shape(bound, loc) if op.shape else bound.get("x", ())
-    return TensorInfo(tuple(shape))
+            b[param] = shape
+            b.decls[param] = graph.spec.inputs.get(tensor)
+    return b
+
+
+def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
+    return TensorInfo(tuple(ops.OPS[node.op].shape(call_bound(node, graph), node.loc)))

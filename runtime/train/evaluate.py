@@ -15,11 +15,12 @@ what the training run draws afterwards.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, default_collate
+
+from .. import devices
 
 _SUFFIXES = ("_embedding", "_emb")
 
@@ -36,10 +37,6 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _fork_rng(device: torch.device):
@@ -78,16 +75,12 @@ def collect(
     inputs: dict[str, list] = {}
     loss_sums: dict[str, float] = {}
     count = 0
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = devices.autocast(device, precision)
     model.eval()
     try:
         with _fork_rng(device), torch.no_grad():
             for batch in _batches(dataset, batches, batch_size, collate_fn):
-                batch = _to_device(batch, device)
+                batch = devices.to_device(batch, device)
                 with autocast:
                     result = model(**batch)
                 size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]

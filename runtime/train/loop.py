@@ -6,9 +6,11 @@ bit: each step's batch is a pure function of (seed, step, rank) (see ``sampling`
 hold the optimizer, scheduler and RNG states, so a resumed run continues exactly as the
 uninterrupted run would have.
 
-Weight decay applies to matrices only: parameters with ndim <= 1 (biases, norm scales) and those
-whose name contains "pos" or "token" (position embeddings, latent/class tokens, token embedding
-tables) are not decayed, as decaying them pulls learned positions and tokens towards zero.
+Weight decay is decided by role: biases and scales (parameters with ndim <= 1), norms, embedding
+tables, and the modules a model lists in ``no_weight_decay`` (a compiled model lists its positional
+tables, type embeddings, latent/CLS tokens and mask tokens, from its graph) are not decayed, as
+decaying them pulls learned positions and tokens towards zero. Every other weight, patch and
+tubelet projections included, is decayed.
 
 SIGINT and SIGTERM ask the loop to stop after the current step; it then writes a checkpoint and
 returns normally (``summary.interrupted``). A second SIGINT aborts at once without a checkpoint,
@@ -22,6 +24,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +32,10 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import compile_cache
+from .. import compile_cache, devices
 from . import distributed
 from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
@@ -50,6 +54,22 @@ class NonFiniteLoss(RuntimeError):
         self.terms = terms
 
 
+@dataclass
+class StepFlags:
+    """What each process reports after a step's forward pass; summed over processes, a field is the
+    number of processes that reported it (skipped files: how many)."""
+
+    stop: float  # a stop was requested
+    skipped_files: float  # unreadable files left out of the batch
+    no_batch: float  # no batch at all this step
+    nonfinite: float  # a loss term (or, after backward, the gradient norm) is NaN or infinite
+
+    @classmethod
+    def summed(cls, local: "StepFlags", info: distributed.DistInfo) -> "StepFlags":
+        values = torch.tensor([float(local.stop), float(local.skipped_files), float(local.no_batch), float(local.nonfinite)])
+        return cls(*distributed.all_reduce_sum(values, info).tolist())
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -57,14 +77,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decayed matrices, and undecayed biases/norms/positions/tokens (see module doc)."""
+NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Embedding)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decayed weights, and undecayed parameters by role (see module doc)."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, NO_DECAY_TYPES) for p in m.parameters()}
+    listed = tuple(getattr(model, "no_weight_decay", ()))  # module or parameter names of the model
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        exempt = parameter.ndim <= 1 or "pos" in name or "token" in name
-        (no_decay if exempt else decay).append(parameter)
+        role_exempt = any(name == n or name.startswith(n + ".") for n in listed)
+        exempt_here = parameter.ndim <= 1 or id(parameter) in exempt or role_exempt
+        (no_decay if exempt_here else decay).append(parameter)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -104,9 +130,6 @@ class StopRequest:
             signal.signal(signum, handler)
         return False
 
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _progress(console: Console) -> Progress:
@@ -199,11 +222,7 @@ def train(
     log = MetricsLog(run_dir, start_step, resumed=latest is not None, enabled=main)
     if main and latest is None:
         log.write("eval", 0, baseline)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if config.precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = devices.autocast(device, config.precision)
     global_batch = config.batch_size * info.world_size
     loader = make_step_loader(
         train_set, config.batch_size, config.seed, start_step, config.steps,
@@ -232,7 +251,7 @@ def train(
             for batch, skipped in loader:
                 values, bad = {}, []
                 if batch is not None:
-                    batch = _to_device(batch, device)
+                    batch = devices.to_device(batch, device)
                     with autocast:
                         result = runner(**batch)
                     names = list(result["losses"])
@@ -243,25 +262,22 @@ def train(
                     bad = [n for n, v in zip(names, stacked[1:]) if not math.isfinite(v)]
                     if not bad and not math.isfinite(stacked[0]):
                         bad = ["loss"]
-                flags = distributed.all_reduce_sum(
-                    torch.tensor([float(stop.requested), float(skipped), float(batch is None), float(bool(bad))]),
-                    info,
-                ).tolist()
-                counters["skipped_files"] += int(flags[1])
-                if flags[2] == 0 and flags[3] == 0:
+                flags = StepFlags.summed(StepFlags(stop.requested, skipped, batch is None, bool(bad)), info)
+                counters["skipped_files"] += int(flags.skipped_files)
+                if not flags.no_batch and not flags.nonfinite:
                     runner_loss = result["loss"]
                     runner_loss.backward()
                     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                     if not math.isfinite(grad_norm):
                         bad = ["gradient norm"]
-                        flags[3] = 1.0
+                        flags.nonfinite = 1.0
                     else:
                         values["grad_norm"] = grad_norm
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if flags[2] or flags[3]:
-                    if flags[3] and config.on_nonfinite == "stop":
+                if flags.no_batch or flags.nonfinite:
+                    if flags.nonfinite and config.on_nonfinite == "stop":
                         where = ", ".join(repr(t) for t in bad) if bad else "a term on another process"
                         good = find_latest(run_dir) if main else None
                         kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
@@ -274,7 +290,7 @@ def train(
                             terms=bad,
                         )
                     counters["skipped_steps"] += 1
-                    if main and flags[3]:
+                    if main and flags.nonfinite:
                         console.print(f"[yellow]step {step + 1}: non-finite {', '.join(bad) or 'loss'}; update skipped")
                 scheduler.step()
                 step += 1
@@ -304,7 +320,7 @@ def train(
                     distributed.barrier(info)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     last_path, last_saved = checkpoint(step, metrics), step
-                if flags[0]:
+                if flags.stop:
                     interrupted = True
                     break
             loop_seconds = time.perf_counter() - loop_started

@@ -23,6 +23,8 @@ LATENT = 8
 class TinyAV(nn.Module):
     """Audio and image encoders with a contrastive loss ("nce") and a classifier loss ("cls")."""
 
+    no_weight_decay = ("pos_token",)  # parameters by role, for `param_groups`
+
     def __init__(self, dim: int = 16, classes: int = 4, dropout: float = 0.1, temperature: float = 0.1):
         super().__init__()
         self.inputs = [
@@ -41,7 +43,7 @@ class TinyAV(nn.Module):
         self.video_encoder = nn.Sequential(
             nn.Flatten(), nn.Linear(VIDEO_SHAPE[0] * VIDEO_SHAPE[1] * VIDEO_SHAPE[2], dim), nn.LayerNorm(dim)
         )
-        self.pos_token = nn.Parameter(torch.zeros(1, dim))  # exercises the no-decay rule
+        self.pos_token = nn.Parameter(torch.zeros(1, dim))  # a learned position: exercises the no-decay rule
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(dim, classes)
 

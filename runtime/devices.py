@@ -1,0 +1,17 @@
+"""Where a step runs: moving a batch to a device, and the autocast context of a precision."""
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device | str, precision: str) -> torch.autocast:
+    """bf16 autocast on ``device`` for ``precision="bf16"``; for "fp32" a context that changes nothing."""
+    device_type = device if isinstance(device, str) else device.type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
