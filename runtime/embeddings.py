@@ -225,14 +225,13 @@ def given_noise(model: nn.Module, noise: dict[str, torch.Tensor]):
         with given_noise(model, {"audio": noise_a, "video": noise_v}):
             out = model(**batch)
 
-    The noise reaches each stream's module (``model.<stream>_mask`` or ``model.<stream>_drop``, as the
-    generated code calls it) through a forward pre-hook that is removed on leaving the block."""
-    modules = {name[: -len(suffix)]: m for name, m in model.named_children()
-               for suffix in ("_mask", "_drop") if name.endswith(suffix) and isinstance(m, (RandomMask, DropToken))}
+    The noise reaches each stream's module (``model.token_drops`` names them) through a forward
+    pre-hook that is removed on leaving the block."""
+    modules = {stream: getattr(model, attr) for stream, attr in model.token_drops.items()}
     unknown = sorted(set(noise) - set(modules))
     if unknown:
-        raise ValueError(f"no masked or token-dropping stream named {', '.join(unknown)}; "
-                         f"this model has {', '.join(sorted(modules)) or 'none'}")
+        have = f"this model has {', '.join(sorted(modules))}" if modules else "this model masks or drops no tokens"
+        raise ValueError(f"no masked or token-dropping stream named {', '.join(unknown)}; {have}")
     handles = []
     try:
         for stream, values in noise.items():
