@@ -177,9 +177,9 @@ def mbt_cls(args) -> int:
         rows = {
             "tokens mbt.audio (CLS first)": relative(ours.out["mbt"]["audio"], encoded[:, :n_audio]),
             "tokens mbt.video (CLS first)": relative(ours.out["mbt"]["video"], encoded[:, n_audio:]),
-            "logits_audio": relative(o["logits_audio"], torch.from_numpy(np.asarray(train_logits["spectrogram"]))),
-            "logits_video": relative(o["logits_video"], torch.from_numpy(np.asarray(train_logits["rgb"]))),
-            "logits (evaluation: mean of both)": relative(o["logits"], torch.from_numpy(np.asarray(eval_logits))),
+            "logits_audio": relative(o["logits_audio"], torch.from_numpy(np.array(train_logits["spectrogram"]))),
+            "logits_video": relative(o["logits_video"], torch.from_numpy(np.array(train_logits["rgb"]))),
+            "logits (evaluation: mean of both)": relative(o["logits"], torch.from_numpy(np.array(eval_logits))),
             "loss classification": relative(out["losses"]["classification"], loss),
         }
         for key, value in rows.items():
