@@ -49,3 +49,23 @@ def build_model(path_or_name: str, overrides: list[str] = (), device=None):
 
     analysis = analyse(path_or_name, overrides)
     return analysis, compile_graph(analysis.graph, device)
+
+
+def verify_flow(analysis: Analysis, batch_size: int = 2, seed: int = 0):
+    """Build the model and compare its measured dependences with the flow analysis (`avdsl lint
+    --verify`); returns `avdsl.lint.verify.Verified`. Imports the runtime."""
+    import torch
+
+    from .compiler import compile_graph
+    from .lint.flow import analyse_flow
+    from .lint.verify import compare, stream_parameters
+    from .runtime.flowcheck import dependence
+
+    graph = analysis.graph
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = compile_graph(graph)
+    own = stream_parameters(graph, [n for n, _ in model.named_parameters()])
+    result = compare(graph, analyse_flow(graph), dependence(model, {s: p for s, p in own.items() if p}, batch_size, seed))
+    result.unmeasured = sorted(s for s, p in own.items() if not p)
+    return result

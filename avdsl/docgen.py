@@ -83,6 +83,10 @@ def lint_rules() -> str:
            "R2xx routing and information flow, H3xx shapes, L4xx losses. Rules of severity *error* are refused by "
            "the build itself (`avdsl build` stops there); lint reports them as findings with their code. "
            "Silence a finding with `# noqa: CODE` at the end of the line it points at.", "",
+           "The R2xx rules trust the information-flow analysis (which sources each output can see, from the "
+           "routing). `avdsl lint SPEC --verify` checks that analysis against the built model: on a random batch, "
+           "torch.func vector-Jacobian products give each output's dependence on each input and stream, and any "
+           "pair where the model and the analysis disagree is a finding (exit code 1).", "",
            "| code | name | severity | summary |", "|---|---|---|---|"]
     out += [f"| [{r.code}](#{r.code.lower()}-{r.name}) | {r.name} | {r.severity} | {_cell(r.summary)} |" for r in RULES]
     for r in RULES:

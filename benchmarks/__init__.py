@@ -4,6 +4,7 @@
     python -m benchmarks attention            # planned vs dense-masked vs unmasked attention, paper token counts
     python -m benchmarks step SPEC...         # training step: eager fp32, eager bf16, compiled bf16
     python -m benchmarks compile SPEC...      # cold vs warm build + compile (compile cache)
+    python -m benchmarks ensemble [SPEC...]   # N lone training steps vs one vectorized ensemble step (--members N)
 
 Every command takes ``--json``. `avdsl bench` runs the step benchmark from the command line.
 """

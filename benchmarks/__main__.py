@@ -1,4 +1,4 @@
-"""`python -m benchmarks peak|attention|step|compile [SPEC...] [--json]` (see the package docstring)."""
+"""`python -m benchmarks peak|attention|step|compile|ensemble [SPEC...] [--json]` (see the package docstring)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once"])
+    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", help="compile-once: fp32 or bf16")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="step: skip a configuration whose predicted step time exceeds this many seconds")
+    parser.add_argument("--members", type=int, default=4, help="ensemble: runs trained together")
     args = parser.parse_args(argv)
     if args.what == "peak":
         from .timing import machine_peaks
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
         result = step.run(args.specs, args.batch, args.reps, args.budget)
         text = step.render(result)
+    elif args.what == "ensemble":
+        from . import ensemble
+
+        result = [ensemble.run(spec, args.members, args.batch, args.reps) for spec in args.specs or ["tiny/zorro"]]
+        text = ensemble.render(result)
     elif args.what == "compile":
         from . import compile as compile_bench
 

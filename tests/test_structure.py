@@ -15,6 +15,7 @@ PACKAGES = {"avdsl": ROOT / "avdsl", "avdsl.runtime": ROOT / "runtime", "avdsl.g
 # string literals equal to an operator name that are not operator names (argument values, table columns)
 NOT_OPERATORS = {
     ("none", "avdsl/pictures.py"): "matplotlib's edge colour",
+    ("mean", "avdsl/sweep_report.py"): "a statistic over seeds",
     ("none", "avdsl/summary.py"): "text shown for no losses",
     ("tokens", "avdsl/summary.py"): "a table column",
     ("tokens", "avdsl/lint/rules.py"): "a word in a message",

@@ -7,7 +7,7 @@ a module here (raise `SpecError` or `CommandError` for problems, never print and
 """
 from __future__ import annotations
 
-from . import bench, build, diff, lint, pictures, schema, train
+from . import bench, build, diff, lint, pictures, schema, sweep, train
 
 ALL = (
     ("build", build.build_command),
@@ -20,4 +20,5 @@ ALL = (
     ("masks", pictures.masks_command),
     ("schema", schema.schema_command),
     ("bench", bench.bench_command),
+    ("sweep", sweep.sweep_command),
 )

@@ -17,6 +17,9 @@ def lint_command(
     as_json: bool = typer.Option(False, "--json", help="Print specs, errors and findings as JSON (for scripts and editors)."),
     explain: Optional[str] = typer.Option(None, "--explain", help="Print what a rule checks and why, e.g. `--explain R204`."),
     list_rules: bool = typer.Option(False, "--list", help="List every rule: code, name, summary."),
+    verify: bool = typer.Option(False, "--verify", help="Also build each model and check the information-flow analysis "
+                                "numerically (torch.func): every output's measured dependence on every input and stream "
+                                "must be what the routing says."),
 ) -> None:
     """Check specs for likely mistakes: streams no output depends on, outputs named for one modality
     that see another through routing, shadowed routing rules, unused inputs, odd loss weights.
@@ -31,6 +34,8 @@ def lint_command(
       avdsl lint zorro --json
 
       avdsl lint --explain R204
+
+      avdsl lint tiny/zorro --verify
     """
     if explain is not None:
         rule = BY_CODE.get(explain.upper())
@@ -45,9 +50,11 @@ def lint_command(
     if not paths:
         raise CommandError("name at least one spec, directory or built-in spec", "e.g. `avdsl lint specs`")
     results = [lint_one(t, set_ or []) for t in spec_targets(paths)]
+    checks = {r.target: _verify(r.target, set_ or []) for r in results if verify and r.error is None and r.sources}  # built: no build error
     if as_json:
         print(json.dumps([{"spec": r.target, "error": r.error.diagnostic.to_json() if r.error else None,
-                           "findings": [dict(d.to_json(), rule=BY_CODE[d.code].name) for d in r.findings]}
+                           "findings": [dict(d.to_json(), rule=BY_CODE[d.code].name) for d in r.findings],
+                           **({"verify": _verify_json(checks[r.target])} if r.target in checks else {})}
                           for r in results], indent=2))
     else:
         for r in results:
@@ -57,10 +64,31 @@ def lint_command(
                 out.print(f"{d.loc}: {d.code} {d.message}", style="bold", highlight=False, markup=False, soft_wrap=True)
                 if d.hint:
                     out.print(f"  hint: {d.hint}", highlight=False, markup=False, soft_wrap=True)
-        n = sum(len(r.findings) for r in results)
+            if r.target in checks:
+                check = checks[r.target]
+                for m in check.mismatches:
+                    out.print(f"{r.target}: flow check: {m}", style="bold", highlight=False, markup=False, soft_wrap=True)
+                if not check.mismatches:
+                    out.print(f"{r.target}: flow check: {check.checked} output/source pairs agree with the analysis",
+                              highlight=False, markup=False, soft_wrap=True)
+        n = sum(len(r.findings) for r in results) + sum(len(c.mismatches) for c in checks.values())
         bad = sum(r.error is not None for r in results)
         out.print(f"{len(results)} spec{'s' if len(results) != 1 else ''}: {n} finding{'s' if n != 1 else ''}"
                   + (f", {bad} could not be read" if bad else ""), highlight=False)
     if any(r.error for r in results):
         raise typer.Exit(EXIT_BAD_SPEC)
-    raise typer.Exit(EXIT_FINDINGS if any(r.findings for r in results) else EXIT_OK)
+    failed = any(r.findings for r in results) or any(c.mismatches for c in checks.values())
+    raise typer.Exit(EXIT_FINDINGS if failed else EXIT_OK)
+
+
+def _verify(target: str, overrides: list):
+    """The numeric flow check of one spec (builds the model: torch is imported only here)."""
+    from ..api import analyse, verify_flow
+
+    return verify_flow(analyse(target, overrides))
+
+
+def _verify_json(check) -> dict:
+    return {"checked": check.checked, "unmeasured_streams": check.unmeasured,
+            "mismatches": [{"target": m.target, "source": m.source, "routing_allows": m.static, "measured": m.measured}
+                           for m in check.mismatches]}

@@ -162,6 +162,7 @@ def train(
     spec_hash: str,
     console: Console | None = None,
     collate_fn: Callable | None = None,
+    on_step: Callable[[int, str], None] | None = None,
 ) -> RunSummary:
     """Train ``model`` for ``config.steps`` optimizer steps and return the run's summary.
 
@@ -170,6 +171,8 @@ def train(
     process group (see ``distributed``) each process trains on its shard and only rank 0 writes.
     Raises NonFiniteLoss (with on_nonfinite="stop"), CheckpointMismatch (resuming another spec),
     CheckpointWriteError (disk full) and FileExistsError (fresh run in a used run directory).
+    ``on_step(step, info)``, when given, replaces the progress bar and the closing summary table
+    (a caller showing several runs in one view, such as a sweep).
     """
     started = time.perf_counter()
     info = distributed.current()
@@ -244,8 +247,8 @@ def train(
     window_sums: dict[str, float] = {}
     window_steps, window_started = 0, time.perf_counter()
     loop_started = time.perf_counter()
-    progress = _progress(console) if main else None
-    task = progress.add_task("train", total=config.steps, completed=start_step, info="") if main else None
+    progress = _progress(console) if main and on_step is None else None
+    task = progress.add_task("train", total=config.steps, completed=start_step, info="") if progress else None
     try:
         with StopRequest() as stop, (progress or contextlib.nullcontext()):
             for batch, skipped in loader:
@@ -305,7 +308,10 @@ def train(
                 if main:
                     shown = " ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in values.items() if k.startswith("loss/"))
                     rate = window_steps * global_batch / max(1e-9, time.perf_counter() - window_started)
-                    progress.update(task, completed=step, info=f"{shown}  {rate:.0f} samples/s")
+                    if progress is not None:
+                        progress.update(task, completed=step, info=f"{shown}  {rate:.0f} samples/s")
+                    else:
+                        on_step(step, f"{shown}  {rate:.0f} samples/s")
                 if config.log_every and step % config.log_every == 0:
                     elapsed = max(1e-9, time.perf_counter() - window_started)
                     record = {k: v / window_steps for k, v in window_sums.items()}
@@ -351,7 +357,8 @@ def train(
     if main:
         write_summary(summary, run_dir / "summary.json")
         write_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        console.print(summary_table(summary))
+        if on_step is None:
+            console.print(summary_table(summary))
         if interrupted:
             console.print(f"[yellow]interrupted at step {step}; resume with the same run directory")
     return summary
