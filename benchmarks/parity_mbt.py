@@ -3,9 +3,14 @@
     python -m benchmarks.parity mbt-cls --reference SCENIC --jax DIR [--size paper|small]
 
 SCENIC is the root of your checkout of google-research/scenic; DIR a folder with JAX, flax and what
-scenic's MBT model imports (``pip install --target DIR jax jaxlib flax ml_collections absl-py
-immutabledict clu scipy ...``), kept out of the environment avdsl runs in. TensorFlow, which scenic
-imports for file access only, is replaced by an empty stand-in when it is not installed.
+scenic's MBT model imports, kept out of the environment avdsl runs in (tested with jax/jaxlib 0.10.2
+and flax 0.12.8)::
+
+    pip install --target DIR --no-deps jax jaxlib flax ml_dtypes opt_einsum msgpack absl-py \
+        immutabledict ml_collections optax chex treescope toolz scipy clu
+
+TensorFlow, which scenic imports for file access only, is replaced by an empty stand-in when it is
+not installed.
 
 The spec is `mbt-cls` (the paper's per-modality CLS head; scenic's ``classifier: token``): scenic at
 its current revision cannot build the `gap` classifier together with bottlenecks (its bottleneck
