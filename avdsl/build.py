@@ -6,6 +6,8 @@ with the closest names as a hint.
 """
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
 from . import expr as ex
@@ -14,6 +16,7 @@ from .diagnostics import Loc, SpecError, did_you_mean
 from .ir import (CallNode, DropNode, EncoderNode, FromNode, Graph, InputNode, LatentNode, LossNode,
                  PositionNode, RestoreNode, TokenizeNode, TypeEmbedNode, encoder_output)
 from .routing import plan_pass
+from .limits import MAX_LOSS_WEIGHT
 from .spec import Spec
 
 
@@ -337,6 +340,9 @@ def _add_losses(graph: Graph, spec: Spec, names: _Names) -> None:
         terms = _linear_terms(item.expr, item.loc)
         inputs, weights = [], []
         for i, (weight, call) in enumerate(terms):
+            if not math.isfinite(weight) or abs(weight) > MAX_LOSS_WEIGHT:
+                raise SpecError(item.loc.shifted(call.col), f"the weight of this loss term is {weight:g}",
+                                f"loss weights are ordinary numbers, at most {MAX_LOSS_WEIGHT:g} in size")
             tensor = _add_call(graph, names, call, item.loc, f"loss.{name}~{i + 1}", ("loss",))
             inputs.append(tensor)
             weights.append(weight)

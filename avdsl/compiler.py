@@ -14,6 +14,8 @@ from torch import nn
 
 from . import codegen, ops
 from .ir import CallNode, EncoderNode, Graph, visit
+from .passes.cost import count
+from .passes.memory import check_fits, host_memory
 from .passes.shapes import call_bound, weight_sets
 from .runtime import embeddings as E
 from .runtime.contracts import Classifier, EvalPlan, InputSpec, RetrievalPair
@@ -171,8 +173,18 @@ class CompiledModel(nn.Module):
         return self._generated(self, **inputs)
 
 
+def device_memory(device: str | torch.device | None) -> int:
+    """Bytes of memory on ``device``: the GPU's total, or what this process may use of the host's."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[1]
+    return host_memory()
+
+
 def compile_graph(graph: Graph, device: str | torch.device | None = None) -> CompiledModel:
     """Build every module of ``graph`` (on ``device``; ``"meta"`` allocates nothing) and bind the code."""
+    if str(device) != "meta":  # refuse what cannot fit before allocating it
+        check_fits(graph, count(graph), 0, False, device_memory(device))
     emitted = codegen.emit(graph)
     filename = f"<avdsl:{graph.spec.name}:{graph.spec.source.hash()}>"
     with torch.device(device or "cpu"):

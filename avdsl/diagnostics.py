@@ -7,8 +7,11 @@ Nothing here knows about YAML or torch: a `Loc` is just a place in a text file.
 from __future__ import annotations
 
 import difflib
+import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from .limits import MAX_SHOWN_LINE_CHARS, MAX_SPEC_BYTES
 
 
 @dataclass(frozen=True)
@@ -88,23 +91,62 @@ def did_you_mean(word: str, choices, what: str = "") -> str:
 
 
 def source_line(loc: Loc, sources: dict[str, str] | None = None) -> str | None:
-    """The text of the line a location points at, from ``sources`` or the file on disk."""
+    """The text of the line a location points at, from ``sources`` or the file on disk. From disk,
+    only a regular file is read, and only up to that line (a few kB of it at most), so that quoting
+    a line of a huge or endless file costs no more than the line."""
     text = (sources or {}).get(loc.file)
     if text is None:
-        try:
-            text = Path(loc.file).read_text(encoding="utf-8", errors="replace")
-        except (OSError, ValueError):
+        return _line_from_file(loc)
+    if loc.line < 1:
+        return None
+    start = 0
+    for _ in range(loc.line - 1):
+        start = text.find("\n", start) + 1
+        if start == 0:
             return None
-    lines = text.splitlines()
-    if 1 <= loc.line <= len(lines):
-        return lines[loc.line - 1]
-    return None
+    end = text.find("\n", start, start + MAX_SHOWN_LINE_CHARS)
+    line = text[start: end if end >= 0 else start + MAX_SHOWN_LINE_CHARS]
+    if not line and start >= len(text):
+        return None
+    return line.rstrip("\r")
+
+
+def _line_from_file(loc: Loc) -> str | None:
+    """Line ``loc.line`` of a regular file, reading no more than a spec's size limit to find it."""
+    try:
+        if loc.line < 1 or not stat.S_ISREG(os.stat(loc.file).st_mode):
+            return None
+        with open(loc.file, "rb") as handle:
+            budget, number, raw = MAX_SPEC_BYTES, 0, b""
+            while number < loc.line and budget > 0:
+                raw = handle.readline(min(budget, 1 << 16))
+                if not raw:
+                    return None
+                budget -= len(raw)
+                if raw.endswith(b"\n") or number + 1 == loc.line:
+                    number += 1
+            if number < loc.line:
+                return None
+        return raw[:MAX_SHOWN_LINE_CHARS].decode("utf-8", errors="replace").rstrip("\r\n")
+    except (OSError, ValueError):
+        return None
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks, escape sequences and other control characters written as escapes
+    (``\\n``, ``\\x1b``), so that user text in a message cannot break lines or drive the terminal."""
+    if all(ch.isprintable() or ch == "\t" for ch in text):
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1] for ch in text)
 
 
 def render(diag: Diagnostic, sources: dict[str, str] | None = None, max_width: int = 160) -> str:
-    """Plain-text rendering: headline, the source line with a caret, then the hint."""
-    out = [diag.headline()]
+    """Plain-text rendering: headline, the source line with a caret, then the hint. User text in any
+    part is made printable first (see `printable`)."""
+    out = [printable(diag.headline())]
     line = source_line(diag.loc, sources)
+    if line is not None:
+        line = printable(line.replace("\t", " ")) if not line.isprintable() else line
     if line is not None:
         col = max(diag.loc.column - 1, 0)
         start = max(0, col - max_width // 2) if len(line) > max_width else 0
@@ -113,6 +155,6 @@ def render(diag: Diagnostic, sources: dict[str, str] | None = None, max_width: i
         out.append(gutter + shown)
         out.append(" " * (len(gutter) + col - start) + "^")
     if diag.hint:
-        out.append(f"hint: {diag.hint}")
-    out.extend(f"note: {n}" for n in diag.notes)
+        out.append(f"hint: {printable(diag.hint)}")
+    out.extend(f"note: {printable(n)}" for n in diag.notes)
     return "\n".join(out)

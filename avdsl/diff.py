@@ -8,35 +8,75 @@ A spec can be named as a file, a built-in name, or ``path@revision`` (read with 
 """
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .api import Analysis, analyse, analyse_text
+from .api import Analysis, analyse, analyse_doc
 from .diagnostics import Loc, SpecError
 from .ir import EncoderNode
-from .loader import resolve_spec_path
+from .limits import GIT_TIMEOUT_S, MAX_SPEC_BYTES
+from .loader import decode_spec, load_text, resolve_spec_path
 from .passes.cost import by_component
 from .summary import _human, streams_table
 
 VALUE_SECTIONS = ("vars", "dims", "inputs", "train")
 
 
+REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./~^@{}+-]*")  # never starts with '-': cannot be a git option
+
+
 def load_side(ref: str, overrides: list[str] = ()) -> Analysis:
     """Analyse a spec named by path, built-in name, or ``path@revision`` (a git revision of a file)."""
     if "@" in ref and resolve_spec_path(ref) is None:
         path, rev = ref.rsplit("@", 1)
-        try:
-            text = subprocess.run(["git", "show", f"{rev}:./{path}"], capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            raise SpecError(Loc(ref, 1, 1), f"cannot read '{path}' at git revision '{rev}': {detail.strip()}",
-                            "write `path@revision` with a path relative to here, e.g. `specs/zorro.yaml@HEAD~1`") from None
-        return analyse_text(text, ref, list(overrides))
+        if not REVISION.fullmatch(rev) or ".." in rev or not path or path.startswith("-"):
+            raise SpecError(Loc(ref, 1, 1), f"'{rev}' is not a git revision avdsl accepts",
+                            "write `path@revision` with a revision such as HEAD~1, main, v1.2 or a commit hash")
+        read = GitRevision(rev, ref)
+        text = read(Path(path))
+        if text is None:
+            raise SpecError(Loc(ref, 1, 1), f"cannot read '{path}' at git revision '{rev}': {read.problem}",
+                            "write `path@revision` with a path relative to here, e.g. `specs/zorro.yaml@HEAD~1`")
+        return analyse_doc(load_text(text, ref, list(overrides), folder=Path(os.path.normpath(Path(path).parent)), read=read))
     return analyse(ref, list(overrides))
+
+
+class GitRevision:
+    """Reads files of the working tree's repository at one revision (``git cat-file``), refusing blobs
+    over the spec size limit before reading them. Call it with a path relative to here."""
+
+    def __init__(self, revision: str, shown: str):
+        self.revision, self.shown, self.problem = revision, shown, ""
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+        return subprocess.run(["git", "cat-file", *args], capture_output=True, timeout=GIT_TIMEOUT_S, env=env)
+
+    def __call__(self, path: Path) -> str | None:
+        obj = f"{self.revision}:./{path.as_posix()}"
+        try:
+            size = self._git("-s", "--end-of-options", obj)
+            if size.returncode != 0:
+                self.problem = size.stderr.decode("utf-8", "replace").strip()[:300] or "git failed"
+                return None
+            if int(size.stdout.strip() or 0) > MAX_SPEC_BYTES:
+                raise SpecError(Loc(self.shown, 1, 1), f"'{path}' at '{self.revision}' is larger than {MAX_SPEC_BYTES // 1000} kB",
+                                "specs are short; is this the right file?")
+            blob = self._git("--end-of-options", "blob", obj)
+        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+            self.problem = str(e)[:300]
+            return None
+        if blob.returncode != 0:
+            self.problem = blob.stderr.decode("utf-8", "replace").strip()[:300] or "git failed"
+            return None
+        return decode_spec(blob.stdout[: MAX_SPEC_BYTES + 1], f"{path.as_posix()}@{self.revision}")
 
 
 def layer_runs(layers) -> str:

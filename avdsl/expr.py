@@ -5,6 +5,7 @@ Every node keeps ``col``, its 0-based column inside the expression string, so a 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -12,6 +13,7 @@ from importlib import resources
 import lark
 
 from .diagnostics import Loc, SpecError
+from .limits import MAX_EXPR_CHARS, MAX_NUMBER_DIGITS
 
 
 # ------------------------------------------------------------------------------------------ AST
@@ -139,13 +141,26 @@ def _col(item) -> int:
     return (meta.column - 1) if meta is not None and not meta.empty else 0
 
 
+class _NumberError(Exception):
+    """A number that cannot be a size or weight (too many digits, not finite); ``col`` is where."""
+
+    def __init__(self, col: int, message: str):
+        super().__init__(message)
+        self.col = col
+
+
 class _ToAst(lark.Transformer):
     """lark tree -> AST dataclasses."""
 
     def number(self, items):
         tok = items[0]
         text = str(tok)
+        digits = len(text.split("e")[0].split("E")[0].replace(".", "").lstrip("0"))
+        if digits > MAX_NUMBER_DIGITS:
+            raise _NumberError(_col(tok), f"the number {text[:20]}... has {digits} digits")
         value = int(text) if text.isdigit() else float(text)
+        if not math.isfinite(float(value)) or (value != 0 and abs(value) < 1e-300):
+            raise _NumberError(_col(tok), f"the number {text} is out of range")
         return Num(value, _col(tok))
 
     def string(self, items):
@@ -186,7 +201,7 @@ class _ToAst(lark.Transformer):
 
     # declarations
     def dim_int(self, items):
-        return (int(items[0]), _col(items[0]))
+        return (_int(items[0]), _col(items[0]))
 
     def dim_name(self, items):
         return (str(items[0]), _col(items[0]))
@@ -215,7 +230,7 @@ class _ToAst(lark.Transformer):
         return ("at", items[0])
 
     def bound_int(self, items):
-        return int(items[0])
+        return _int(items[0])
 
     def bound_name(self, items):
         return str(items[0])
@@ -223,7 +238,7 @@ class _ToAst(lark.Transformer):
     @lark.v_args(meta=True)
     def range(self, meta, items):
         start, stop, step = items
-        return Range(start, stop, int(step) if step is not None else 1, meta.column - 1 if not meta.empty else 0)
+        return Range(start, stop, _int(step) if step is not None else 1, meta.column - 1 if not meta.empty else 0)
 
     @lark.v_args(meta=True)
     def single_layer(self, meta, items):
@@ -253,6 +268,13 @@ class _ToAst(lark.Transformer):
         return Use(str(name), at[1] if at else None, _col(name))
 
 
+def _int(tok) -> int:
+    """A whole number token, refused when it has more digits than any size could need."""
+    if len(str(tok).lstrip("0")) > MAX_NUMBER_DIGITS:
+        raise _NumberError(_col(tok), f"the number {str(tok)[:20]}... has {len(str(tok))} digits")
+    return int(tok)
+
+
 def _node_col(node) -> int:
     return getattr(node, "col", 0)
 
@@ -276,8 +298,8 @@ def parse(text: str, start: str, loc: Loc):
     what, example = _WHAT[start]
     if not isinstance(text, str):
         raise SpecError(loc, f"expected {what} written as a string, got {type(text).__name__} `{text}`", example)
-    if len(text) > 2000:
-        raise SpecError(loc, f"{what} longer than 2000 characters", "split it up; expressions are short")
+    if len(text) > MAX_EXPR_CHARS:
+        raise SpecError(loc, f"{what} longer than {MAX_EXPR_CHARS} characters", "split it up; expressions are short")
     try:
         tree = _parser().parse(text, start=start)
         return _ToAst().transform(tree)
@@ -296,6 +318,9 @@ def parse(text: str, start: str, loc: Loc):
         raise SpecError(loc.shifted(len(text)), f"{what} ends too early",
                         _expect_hint(err.expected, example)) from None
     except lark.exceptions.VisitError as err:
+        if isinstance(err.orig_exc, _NumberError):
+            raise SpecError(loc.shifted(err.orig_exc.col), f"{err.orig_exc} in {what}",
+                            "numbers in a spec are sizes, rates and weights of ordinary size") from None
         raise SpecError(loc, f"{what}: {err.orig_exc}", example) from None
     except RecursionError:
         raise SpecError(loc, f"{what} nests too deeply", "simplify the expression") from None

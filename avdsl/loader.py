@@ -7,9 +7,12 @@ Positions survive all of it, so later passes can point at the exact line that ca
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,14 +20,15 @@ from pathlib import Path
 
 import yaml
 
+from . import limits
 from .diagnostics import Loc, SpecError, did_you_mean
 
 Path_ = tuple  # a path into the spec: ("encoders", "backbone", "depth")
 
-MAX_NODES = 100_000  # after alias expansion
-MAX_DEPTH = 64
-MAX_BYTES = 2_000_000
-MAX_EXTENDS = 16
+MAX_NODES = limits.MAX_YAML_NODES  # after alias expansion
+MAX_DEPTH = limits.MAX_YAML_DEPTH
+MAX_BYTES = limits.MAX_SPEC_BYTES
+MAX_EXTENDS = limits.MAX_EXTENDS
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -101,6 +105,21 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or None for a name the OS refuses (NUL byte, symlink loop, too long)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def _builtin_spec(name: str) -> Path | None:
     """The built-in spec called ``name`` (``zorro``, ``tiny/zorro``), or None."""
     path = builtin_specs_dir() / f"{name}.yaml"
@@ -146,9 +165,11 @@ class _Converter:
                 if not isinstance(key_node, yaml.ScalarNode):
                     raise SpecError(_loc(key_node.start_mark, self.file), "a mapping key must be a plain name",
                                     "write keys as simple words, e.g. `depth: 12`")
-                key = _scalar(key_node, self.file)
-                if isinstance(key, bool) or key is None:
-                    key = key_node.value  # `on:`/`yes:` stay strings; a key is a name
+                _scalar(key_node, self.file)  # refuses tags
+                key = str(key_node.value)  # a key is a name: `1:`, `on:`, `null:` stay the text written
+                if any(ord(c) < 32 or ord(c) == 127 for c in key):
+                    raise SpecError(_loc(key_node.start_mark, self.file), f"the key {key!r} holds a control character",
+                                    "names hold letters, digits and '_' only (no newline, tab or escape)")
                 if key in out:
                     raise SpecError(_loc(key_node.start_mark, self.file), f"duplicate key '{key}'",
                                     f"'{key}' is already set at line {self.key_locs[path + (key,)].line}; keep one")
@@ -205,17 +226,34 @@ def _biggest_child(node):
 
 def _flow_too_deep(text: str, file: str) -> None:
     """Refuse more than MAX_DEPTH nested ``[``/``{`` before the YAML parser recurses into them
-    (10,000 brackets would otherwise take seconds and end in a RecursionError)."""
+    (10,000 brackets would otherwise take seconds and end in a RecursionError). The YAML scanner
+    finds the brackets, so those inside comments and quoted strings do not count."""
     if text.count("[") + text.count("{") <= MAX_DEPTH:
         return
     depth = 0
+    try:
+        for token in yaml.scan(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(token, (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(_loc(token.start_mark, file), f"the spec nests deeper than {MAX_DEPTH} levels of brackets",
+                                    "flatten the structure; avdsl specs need only a few levels")
+            elif isinstance(token, (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken)):
+                depth -= 1
+    except yaml.YAMLError as err:
+        if "nesting depth" in str(getattr(err, "problem", "")):  # libyaml stops at 1000 levels, before we see them
+            _first_bracket_too_deep(text, file)
+        return  # not valid YAML: the parser says where
+
+
+def _first_bracket_too_deep(text: str, file: str) -> None:
+    """Raise at the first bracket nested deeper than MAX_DEPTH, counting every bracket in the text."""
+    depth = 0
     for match in re.finditer(r"[\[\]{}]", text):
-        depth += 1 if match.group() in "[{" else -1
-        depth = max(depth, 0)
+        depth = max(depth + (1 if match.group() in "[{" else -1), 0)
         if depth > MAX_DEPTH:
             before = text[: match.start()]
-            line = before.count("\n") + 1
-            col = match.start() - (before.rfind("\n") + 1) + 1
+            line, col = before.count("\n") + 1, match.start() - (before.rfind("\n") + 1) + 1
             raise SpecError(Loc(file, line, col), f"the spec nests deeper than {MAX_DEPTH} levels of brackets",
                             "flatten the structure; avdsl specs need only a few levels")
 
@@ -239,7 +277,14 @@ def _scalar(node, file: str):
     tag = node.tag or ""
     kind = tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else None
     if kind in ("int", "float", "bool", "null"):
-        return yaml.SafeLoader("").construct_object(node)
+        if kind == "int" and len(node.value) > limits.MAX_NUMBER_DIGITS:
+            raise SpecError(_loc(node.start_mark, file), f"the number {node.value[:20]}... has {len(node.value)} digits",
+                            "sizes and counts in a spec are far smaller; check the number")
+        value = yaml.SafeLoader("").construct_object(node)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(_loc(node.start_mark, file), f"{node.value} is not a finite number",
+                            "write an ordinary number; infinities and NaN are not allowed in a spec")
+        return value
     if kind == "str" and not node.style and plain_number(node.value) is not None:  # plain, not quoted
         return plain_number(node.value)
     if kind in ("str", "timestamp", "binary", "merge", "value"):
@@ -248,8 +293,9 @@ def _scalar(node, file: str):
                     "remove the tag; specs hold plain strings, numbers, lists and mappings")
 
 
-def parse_yaml(text: str, file: str) -> Doc:
-    """Parse one YAML document into a `Doc`. Raises `SpecError` for anything malformed."""
+def parse_yaml(text: str, file: str, value: bool = False) -> Doc:
+    """Parse one YAML document into a `Doc`. Raises `SpecError` for anything malformed.
+    With ``value``, the document may be any value (a ``--set`` value), not only a mapping."""
     if len(text) > MAX_BYTES:
         raise SpecError(Loc(file, 1, 1), f"the spec is larger than {MAX_BYTES // 1000} kB",
                         "specs are short; is this the right file?")
@@ -257,7 +303,7 @@ def parse_yaml(text: str, file: str) -> Doc:
         line = text[: text.index("\x00")].count("\n") + 1
         raise SpecError(Loc(file, line, 1), "the file contains a NUL byte: it is not a text spec",
                         "pass a .yaml spec file")
-    if not text.strip():
+    if not text.strip() and not value:
         raise SpecError(Loc(file, 1, 1), "the spec is empty",
                         "start from a built-in spec: `avdsl build zorro`, or write `avdsl: 1` and `extends: zorro`")
     _flow_too_deep(text, file)
@@ -282,6 +328,13 @@ def parse_yaml(text: str, file: str) -> Doc:
         raise SpecError(Loc(file, 1, 1), "the spec nests too deeply to read",
                         f"keep nesting under {MAX_DEPTH} levels") from None
     nodes = [n for n in nodes if n is not None]
+    if value and len(nodes) <= 1:
+        nodes = nodes or [yaml.ScalarNode("tag:yaml.org,2002:null", "")]
+        if _expanded_size(nodes[0], file) > MAX_NODES:
+            raise SpecError(Loc(file, 1, 1), f"the value expands to more than {MAX_NODES} YAML nodes",
+                            "this usually comes from nested aliases (&anchor / *alias); write the values out")
+        conv = _Converter(file)
+        return Doc(conv.convert(nodes[0], (), 0), conv.locs, conv.key_locs, {file: text}, file)
     if not nodes:
         raise SpecError(Loc(file, 1, 1), "the spec is empty",
                         "start from a built-in spec: `avdsl build zorro`, or write `avdsl: 1` and `extends: zorro`")
@@ -329,15 +382,34 @@ def _yaml_hint(problem: str) -> str:
     return "check indentation, quoting and brackets near this position"
 
 
-def read_text(path: Path, shown: str) -> str:
+def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a *regular* file of at most ``limit`` bytes. A device (``/dev/zero``), a FIFO or a
+    socket is refused before it is opened (reading one could block or never end), and no more than
+    ``limit + 1`` bytes are ever read, even from a file whose size the OS reports wrongly (``/proc``).
+    Raises OSError (``EFBIG`` when too large, ``EINVAL`` when not a regular file)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        if path.stat().st_size > MAX_BYTES:  # refuse before reading a huge file into memory
-            raise SpecError(Loc(shown, 1, 1), f"the spec is larger than {MAX_BYTES // 1000} kB",
-                            "specs are short; is this the right file?")
-        raw = path.read_bytes()
-    except OSError as err:
-        raise SpecError(Loc(shown, 1, 1), f"cannot read the spec: {err.strerror or err}",
-                        "check the path; built-in specs are: " + ", ".join(builtin_names())) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular {what} (a device, FIFO or socket)")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit // 1000} kB")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit // 1000} kB")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def decode_spec(raw: bytes, shown: str) -> str:
+    """UTF-8 bytes -> text, or a `SpecError` at the first byte that is not UTF-8."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -346,6 +418,18 @@ def read_text(path: Path, shown: str) -> str:
         col = len(text.rsplit("\n", 1)[-1]) + 1
         raise SpecError(Loc(shown, line, col), "the spec is not UTF-8 text (a binary file?)",
                         "save the spec as UTF-8") from None
+
+
+def read_text(path: Path, shown: str) -> str:
+    try:
+        raw = read_bounded(path, MAX_BYTES, "file")
+    except OSError as err:
+        if err.errno == errno.EFBIG:
+            raise SpecError(Loc(shown, 1, 1), f"the spec is larger than {MAX_BYTES // 1000} kB",
+                            "specs are short; is this the right file?") from None
+        raise SpecError(Loc(shown, 1, 1), f"cannot read the spec: {err.strerror or err}",
+                        "pass a spec file; built-in specs are: " + ", ".join(builtin_names())) from None
+    return decode_spec(raw, shown)
 
 
 # ------------------------------------------------------------------------------ extends and --set
@@ -400,6 +484,9 @@ def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
         except SpecError as e:
             raise e.with_sources({"<stdin>": text}) from None
     path = resolve_spec_path(path_or_name)
+    if path is None and _exists(Path(path_or_name)):
+        raise SpecError(Loc(str(path_or_name), 1, 1), f"'{path_or_name}' is not a regular file (a folder, a device or a FIFO?)",
+                        "pass a .yaml spec file or a built-in spec name")
     if path is None:
         hint = did_you_mean(path_or_name, builtin_names(), "a spec file or built-in spec")
         raise SpecError(Loc(str(path_or_name), 1, 1), f"no spec file or built-in spec named '{path_or_name}'", hint)
@@ -411,10 +498,15 @@ def load_file(path_or_name: str, overrides: list[str] = ()) -> Doc:
     return doc
 
 
-def load_text(text: str, file: str = "<spec>", overrides: list[str] = ()) -> Doc:
-    """Load a spec from text (tests, editors). ``extends`` resolves against the working directory."""
+def load_text(text: str, file: str = "<spec>", overrides: list[str] = (), folder: Path | None = None,
+              read=None) -> Doc:
+    """Load a spec from text (tests, editors, a git revision). ``extends`` paths resolve against
+    ``folder`` (default: the working directory), read from disk, or with ``read(path) -> text | None``
+    when given (a spec at a git revision reads its base at that revision)."""
     doc = parse_yaml(text, file)
-    doc = _with_base(doc, Path.cwd(), [file], Path.cwd().resolve())
+    here = Path.cwd() if folder is None else folder
+    root = here.resolve() if read is None else Path(os.path.normpath(here))
+    doc = _with_base(doc, here, [file], root, read)
     for item in overrides:
         apply_override(doc, item)
     doc.data.pop("extends", None)
@@ -434,7 +526,7 @@ def _load_chain(path: Path, seen: list[str], root_dir: Path) -> Doc:
     return _with_base(doc, path.parent, seen + [str(path.resolve())], root_dir)
 
 
-def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
+def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path, read=None) -> Doc:
     """If ``doc`` extends another spec, load that one and merge ``doc`` over it."""
     parent = doc.data.get("extends")
     if parent is None:
@@ -444,23 +536,54 @@ def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
         raise SpecError(loc, "`extends` must name one spec", "e.g. `extends: zorro` or `extends: ./base.yaml`")
     if len(seen) > MAX_EXTENDS:
         raise SpecError(loc, f"`extends` chains more than {MAX_EXTENDS} specs", "shorten the chain")
+    if "\x00" in parent or not parent.isprintable():
+        raise SpecError(loc, f"`extends: {parent!r}` is not a usable file name", "name a spec file or a built-in spec")
+    if read is not None and (parent.endswith((".yaml", ".yml")) or parent.startswith((".", "/", "~"))):
+        return _with_base_at_revision(doc, here, seen, root_dir, read, parent, loc)
     is_path = (parent.endswith((".yaml", ".yml")) or parent.startswith((".", "/", "~")) or ".." in Path(parent).parts
                or Path(parent).is_absolute() or _is_file(here / parent))
     target = (here / parent) if is_path else _builtin_spec(parent)
     allowed = [root_dir, builtin_specs_dir().resolve()]
+    real = _resolved(target) if target is not None else None
+    if target is not None and real is None:
+        raise SpecError(loc, f"`extends: {parent}` is not a usable file name (a NUL byte, a symlink loop?)",
+                        "name a spec file in this spec's folder, or a built-in spec")
     # checked before existence, so that a spec cannot probe which files exist elsewhere
-    if target is not None and not any(target.resolve().is_relative_to(a) for a in allowed):
+    if target is not None and not any(real.is_relative_to(a) for a in allowed):
         raise SpecError(loc, f"`extends: {parent}` reaches outside the spec's folder",
                         "extend a built-in spec by name, or a file in this spec's folder or below it")
     if target is None or not _is_file(target):
         hint = ("a path is read relative to this spec's folder; is the file name right?" if is_path
                 else did_you_mean(parent, builtin_names(), "a built-in spec"))
         raise SpecError(loc, f"`extends: {parent}` names no spec file or built-in spec", hint)
-    real = target.resolve()
     if str(real) in seen:
         chain = " -> ".join(Path(s).name for s in seen + [str(real)])
         raise SpecError(loc, f"`extends` forms a loop: {chain}", "remove one of the `extends` lines")
     base = _load_chain(real, seen, root_dir)
+    return _merged(base, doc)
+
+
+def _with_base_at_revision(doc: Doc, here: Path, seen: list[str], root_dir: Path, read, parent: str, loc: Loc) -> Doc:
+    """`extends:` of a spec read from elsewhere (a git revision): the base is named lexically,
+    relative to the spec's own folder there, and read with ``read``."""
+    target = Path(os.path.normpath(here / parent))
+    if Path(parent).is_absolute() or parent.startswith("~") or ".." in target.parts or not target.is_relative_to(root_dir):
+        raise SpecError(loc, f"`extends: {parent}` reaches outside the spec's folder",
+                        "extend a built-in spec by name, or a file in this spec's folder or below it")
+    if str(target) in seen:
+        chain = " -> ".join(Path(s).name for s in seen + [str(target)])
+        raise SpecError(loc, f"`extends` forms a loop: {chain}", "remove one of the `extends` lines")
+    text = read(target)
+    if text is None:
+        raise SpecError(loc, f"`extends: {parent}` names no spec file at that revision",
+                        "a path is read relative to this spec's folder at the same revision")
+    shown = f"{target.as_posix()}@{getattr(read, 'revision', '?')}"
+    base = _with_base(parse_yaml(text, shown), target.parent, seen + [str(target)], root_dir, read)
+    return _merged(base, doc)
+
+
+def _merged(base: Doc, doc: Doc) -> Doc:
+    """``doc`` merged over its (loaded) base; positions and sources of both are kept."""
     base.sources.update(doc.sources)
     base.data.pop("extends", None)
     _merge(base, doc)
@@ -469,37 +592,57 @@ def _with_base(doc: Doc, here: Path, seen: list[str], root_dir: Path) -> Doc:
     return base
 
 
+def _override_value(raw: str, where: Loc, item: str):
+    """The value of a ``--set``: a YAML scalar or flow collection, with the bounds of a spec file
+    (nesting, alias expansion, finite numbers); text that is not YAML stays a plain string."""
+    if not raw.strip():
+        return ""
+    try:
+        doc = parse_yaml(raw, "<--set>", value=True)
+    except SpecError as err:
+        if "not valid YAML" in err.diagnostic.message:
+            return raw
+        raise SpecError(where, f"`--set {_clipped(item)}`: {err.diagnostic.message}", err.diagnostic.hint) from None
+    return doc.data
+
+
+def _clipped(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else text[:width] + "..."
+
+
 def apply_override(doc: Doc, item: str) -> None:
     """Apply one ``--set key.path=value``; the value is read as a YAML scalar or flow collection
     (``1e-5`` is a number, as in YAML 1.2). ``key.path=null`` removes the key (or the list item)."""
     where = Loc("<--set>", 1, 1)
+    if len(item) > limits.MAX_SET_CHARS:
+        raise SpecError(where, f"`--set {_clipped(item)}` is longer than {limits.MAX_SET_CHARS} characters",
+                        "set one value at a time; write bigger changes in a spec that extends this one")
     if "=" not in item:
-        raise SpecError(where, f"`--set {item}` has no '='", "write `--set encoders.backbone.depth=6`")
+        raise SpecError(where, f"`--set {_clipped(item)}` has no '='", "write `--set encoders.backbone.depth=6`")
     key, _, raw = item.partition("=")
     parts = [p for p in key.strip().split(".")]
-    if not key.strip() or any(not p for p in parts):
-        raise SpecError(where, f"`--set {item}`: '{key}' is not a dotted key path", "e.g. `--set vars.fusion_layer=4`")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str) and plain_number(raw) is not None:
-        value = plain_number(raw)
+    if not key.strip() or any(not p for p in parts) or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise SpecError(where, f"`--set {_clipped(item)}`: {_clipped(key)!r} is not a dotted key path",
+                        "e.g. `--set vars.fusion_layer=4`")
+    if parts[0] == "extends":
+        raise SpecError(where, "`--set extends=...` cannot change what a spec extends (the base is already merged)",
+                        "write a spec with `extends: NAME` and your changes, or name the base spec directly")
+    value = _override_value(raw, where, item)
     node = doc.data
     path: tuple = ()
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise SpecError(where, f"`--set {key}`: '{part}' is not an index of the list at '{'.'.join(map(str, path))}'",
-                                f"use an index from 0 to {len(node) - 1}")
+            if not re.fullmatch(r"-?[0-9]{1,9}", part) or not -len(node) <= int(part) < len(node):
+                raise SpecError(where, f"`--set {_clipped(key)}`: '{_clipped(part)}' is not an index of the list at '{'.'.join(map(str, path))}'",
+                                f"use an index from 0 to {len(node) - 1}" if node else "the list is empty")
             part = int(part) % len(node)
         elif isinstance(node, dict):
             if not last and part not in node:
                 hint = did_you_mean(part, node.keys(), "a key")
-                raise SpecError(where, f"`--set {key}`: '{part}' is not in the spec at '{'.'.join(map(str, path)) or 'top level'}'", hint)
+                raise SpecError(where, f"`--set {_clipped(key)}`: '{_clipped(part)}' is not in the spec at '{'.'.join(map(str, path)) or 'top level'}'", hint)
         else:
-            raise SpecError(where, f"`--set {key}`: '{'.'.join(map(str, path))}' is a value, not a mapping",
+            raise SpecError(where, f"`--set {_clipped(key)}`: '{'.'.join(map(str, path))}' is a value, not a mapping",
                             "set the value itself")
         path = path + (part,)
         if last and value is None:
@@ -515,7 +658,7 @@ def apply_override(doc: Doc, item: str) -> None:
 def _remove(doc: Doc, node, part, path: tuple, key: str) -> None:
     """``--set key.path=null``: delete the key (or list item) and the locations of what it held."""
     if isinstance(node, dict) and part not in node:
-        raise SpecError(Loc("<--set>", 1, 1), f"`--set {key}=null`: '{part}' is not in the spec at "
+        raise SpecError(Loc("<--set>", 1, 1), f"`--set {_clipped(key)}=null`: '{_clipped(str(part))}' is not in the spec at "
                         f"'{'.'.join(map(str, path[:-1])) or 'top level'}', so there is nothing to remove",
                         did_you_mean(str(part), node.keys(), "a key"))
     del node[part]

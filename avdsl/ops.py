@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
+from .limits import MAX_ARGUMENT, MAX_SIZE
 
 Shape = tuple
 
@@ -140,13 +141,22 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a whole number", f"usage: {usage(op)}")
         if value.value < 1 and p.name not in ("min",):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be at least 1, got {value.value}", f"usage: {usage(op)}")
+        if value.value > MAX_SIZE:
+            raise SpecError(loc, f"argument '{p.name}' of {op.name}() is {value.value}, more than the limit {MAX_SIZE}",
+                            f"usage: {usage(op)}")
         return int(value.value)
     if p.kind == "float":
         if isinstance(value, ex.Neg) and isinstance(value.operand, ex.Num):
-            return -float(value.operand.value)
-        if not isinstance(value, ex.Num):
+            number = -float(value.operand.value)
+        elif isinstance(value, ex.Num):
+            number = float(value.value)
+        else:
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a number", f"usage: {usage(op)}")
-        return float(value.value)
+        low, high, low_open, high_open = FLOAT_RANGES.get(p.name, (-MAX_ARGUMENT, MAX_ARGUMENT, False, False))
+        if number < low or number > high or (low_open and number == low) or (high_open and number == high):
+            want = f"{'more than' if low_open else 'at least'} {low:g} and {'less than' if high_open else 'at most'} {high:g}"
+            raise SpecError(loc, f"argument '{p.name}' of {op.name}() is {number:g}; it must be {want}", f"usage: {usage(op)}")
+        return number
     if p.kind == "bool":
         if isinstance(value, ex.Ref) and value.name in ("true", "false", "True", "False"):
             return value.name.lower() == "true"
@@ -163,10 +173,28 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
         return name
     if p.kind == "ints":
         items = value.items if isinstance(value, ex.ListExpr) else (value,)
-        if not all(isinstance(i, ex.Num) and float(i.value).is_integer() and i.value >= 1 for i in items):
+        if not items or not all(isinstance(i, ex.Num) and float(i.value).is_integer() and 1 <= i.value <= MAX_SIZE for i in items):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a list of positive whole numbers", f"usage: {usage(op)}")
         return [int(i.value) for i in items]
     return value
+
+
+# (low, high, low excluded, high excluded) of float arguments, by name; others lie within +-MAX_ARGUMENT
+FLOAT_RANGES = {
+    "tau": (0.0, 100.0, True, False),  # a temperature divides the logits
+    "gamma": (0.0, 100.0, False, False),
+    "label_smoothing": (0.0, 1.0, False, True),
+}
+
+
+# where a raw input of a non-signal kind may be passed: (operator, argument) -> the kinds allowed there
+INPUT_ARGUMENTS = {("ce", "target"): ("label",), ("bce", "target"): ("multilabel",), ("next_token", "tokens"): ("text",),
+                   ("patches", "x"): ("fbank", "image", "video")}
+SIGNAL_KINDS = ("fbank", "image", "video", "waveform")
+INPUT_EXAMPLES = {"ce": "e.g. `ce(logits, label)` with `label[B]: label(10)`",
+                   "bce": "e.g. `bce(logits, labels)` with `labels[B, 527]: multilabel(527)`",
+                   "next_token": "e.g. `next_token(logits, caption)` with `caption[B, 16]: text`",
+                   "patches": "e.g. `patches(fbank, [16, 16])`"}
 
 
 def usage(op: OpDef) -> str:
@@ -370,8 +398,12 @@ def _next_token_shape(b, loc):
     decl = b.decls.get("tokens")
     if decl is None or decl.kind != "text":
         raise fail(loc, "next_token() predicts the tokens of a text input", "pass the text input, e.g. `next_token(logits, caption)`")
-    if len(b["logits"]) != 3:
-        raise fail(loc, f"next_token() takes logits [B, L, vocab], got {fmt(b['logits'])}", "apply a linear head to the text tokens")
+    logits = b["logits"]
+    if len(logits) != 3:
+        raise fail(loc, f"next_token() takes logits [B, L, vocab], got {fmt(logits)}", "apply a linear head to the text tokens")
+    if isinstance(logits[1], int) and isinstance(decl.dims[1], int) and logits[1] != decl.dims[1]:
+        raise fail(loc, f"next_token(): the logits have {logits[1]} positions but '{decl.name}' has {decl.dims[1]} tokens",
+                   "compute the logits from the text stream's tokens, e.g. `linear(decoder.text, VOCAB)`")
     return ()
 
 

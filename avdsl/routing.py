@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
+from .limits import MAX_LAYER_STREAMS, MAX_ROUTING_ENTRIES, MAX_ROUTING_RULES, MAX_RULE_SET_NESTING
 
 FLAGS = ("causal", "cross")
 
@@ -131,11 +132,12 @@ def layers_of(rng: ex.Range | None, depth: int, vars: dict, loc: Loc) -> range:
     return range(start, stop, rng.step)
 
 
-def expand_uses(entries, rule_sets: dict, vars: dict, depth: int, outer: range | None = None, depth_guard: int = 0):
-    """Flatten ``use NAME @ range`` into (Rule, Loc, layers) triples, intersecting nested ranges."""
-    if depth_guard > 8:
-        raise SpecError(entries[0][1] if entries else Loc("<spec>"), "rule sets use each other in a loop",
-                        "a rule set may `use` another, but not itself")
+def expand_uses(entries, rule_sets: dict, vars: dict, depth: int, outer: range | None = None, using: tuple = (),
+                budget: list | None = None):
+    """Flatten ``use NAME @ range`` into (Rule, Loc, layers) triples, intersecting nested ranges.
+    ``using`` is the chain of rule sets being expanded (a name in it again is a loop); the rules
+    produced are counted against MAX_ROUTING_RULES as they are made, so nested sets cannot blow up."""
+    budget = [MAX_ROUTING_RULES] if budget is None else budget
     out = []
     for node, loc in entries:
         covered = layers_of(node.range, depth, vars, loc)
@@ -148,9 +150,19 @@ def expand_uses(entries, rule_sets: dict, vars: dict, depth: int, outer: range |
             if name not in rule_sets:
                 raise SpecError(loc.shifted(node.col), f"no rule set named '{name}'",
                                 did_you_mean(name, list(rule_sets), "a rule set") or "declare it under `rule_sets:`")
-            out.extend(expand_uses(rule_sets[name], rule_sets, vars, depth, tuple(covered),
-                                   depth_guard + 1))
+            if name in using:
+                chain = " -> ".join(using[using.index(name):] + (name,))
+                raise SpecError(loc.shifted(node.col), f"rule sets use each other in a loop: {chain}",
+                                "a rule set may `use` another, but not itself")
+            if len(using) >= MAX_RULE_SET_NESTING:
+                raise SpecError(loc.shifted(node.col), f"rule sets are nested more than {MAX_RULE_SET_NESTING} deep",
+                                "flatten the rule sets")
+            out.extend(expand_uses(rule_sets[name], rule_sets, vars, depth, tuple(covered), using + (name,), budget))
         else:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise SpecError(loc, f"the routing expands to more than {MAX_ROUTING_RULES} rules",
+                                "nested `use` of rule sets multiplies rules; write fewer, broader rules")
             out.append((node, loc, tuple(covered)))
     return out
 
@@ -158,7 +170,18 @@ def expand_uses(entries, rule_sets: dict, vars: dict, depth: int, outer: range |
 def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, ...], weights_mode: str,
               depth: int, rule_sets: dict, vars: dict) -> PassPlan:
     """Resolve one pass's rules into a `PassPlan` (validating every name)."""
+    if depth * len(streams) > MAX_LAYER_STREAMS:
+        at = entries[0][1] if entries else Loc("<spec>")
+        raise SpecError(at, f"{depth} layers x {len(streams)} streams is more than the limit of {MAX_LAYER_STREAMS} "
+                        "layer-stream pairs in one encoder", "use fewer layers or fewer streams")
     flat = expand_uses(entries, rule_sets, vars, depth)
+    covered_total = 0
+    for rule, loc, covered in flat:
+        covered_total += len(covered) * len(rule.queries)
+        if covered_total > MAX_ROUTING_ENTRIES:
+            raise SpecError(loc, f"the routing covers more than {MAX_ROUTING_ENTRIES} (layer, query stream) pairs",
+                            "rules that cover the same layers override each other: keep the ones that decide, "
+                            "or use fewer layers or streams")
     # (layer, query, weights, cross) -> (Attend, rule index)
     table: dict[tuple, tuple[Attend, int]] = {}
     rule_layers: dict[int, set] = {}
@@ -174,6 +197,11 @@ def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, .
                 col = rule.name_cols.get(q, 0)
                 raise SpecError(loc.shifted(col), f"routing names stream '{q}', which this encoder does not update",
                                 did_you_mean(q, streams, "a stream") or "add it to the encoder's `streams:`")
+        for names, side in ((rule.queries, "query"), (rule.keys, "key")):
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise SpecError(loc.shifted(rule.name_cols.get(twice, 0)), f"'{twice}' is listed twice as a {side} stream of this rule",
+                                "name each stream once")
         for k in rule.keys:
             if k not in pool:
                 col = rule.name_cols.get(k, 0)
@@ -200,10 +228,10 @@ def plan_pass(name: str, entries, streams: tuple[str, ...], memory: tuple[str, .
         if index not in winners:
             by = max({i for (_, i) in table.values() if i > index} or {index})
             shadowed.append(Shadowed(flat[index][1], flat[by][1], flat[index][0].queries[0]))
-    layers = []
-    for layer in range(depth):
-        attends = [a for (l, *_), (a, _) in sorted(table.items(), key=lambda kv: kv[1][1]) if l == layer]
-        layers.append(LayerPlan(tuple(attends)))
+    per_layer: list[list[Attend]] = [[] for _ in range(depth)]
+    for (layer, *_), (attend, _) in sorted(table.items(), key=lambda kv: kv[1][1]):  # in rule order
+        per_layer[layer].append(attend)
+    layers = [LayerPlan(tuple(attends)) for attends in per_layer]
     return PassPlan(name, tuple(layers), tuple(shadowed))
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from . import expr as ex
 from .diagnostics import Loc, SpecError, did_you_mean
+from .limits import MAX_ROUTING_RULES, MAX_SAMPLE_RATE, MAX_SIZE, MAX_STREAMS
 from .loader import Doc
 from .schema import validate
 
@@ -128,11 +129,7 @@ def _input(doc: Doc, key: str, kind_text) -> InputDecl:
     if kind not in INPUT_KINDS:
         raise SpecError(kind_loc.shifted(call.col), f"unknown input kind '{kind}'", did_you_mean(kind, INPUT_KINDS, "a kind"))
     loc_kind = kind_loc
-    for dim, col in zip(decl.dims, decl.dim_cols):
-        if isinstance(dim, int) and dim < 1:
-            raise SpecError(loc.shifted(col), f"dimension {dim} of '{decl.name}' must be at least 1", "sizes are positive")
-        if isinstance(dim, int) and dim > 10_000_000:
-            raise SpecError(loc.shifted(col), f"dimension {dim} of '{decl.name}' is absurdly large", "check the number")
+    _check_dims(decl.name, decl.dims, decl.dim_cols, loc)
     if decl.dims and not isinstance(decl.dims[0], str):
         raise SpecError(loc.shifted(decl.dim_cols[0]), f"the first dim of '{decl.name}' is the batch and must be a name like B",
                         f"write `{decl.name}[B, ...]`")
@@ -144,10 +141,20 @@ def _input(doc: Doc, key: str, kind_text) -> InputDecl:
                          "waveform": "e.g. `wave[B, 48000] : waveform(48000)`", "text": "e.g. `text[B, 16] : text`",
                          "label": "e.g. `label[B] : label(10)`", "multilabel": "e.g. `labels[B, 527] : multilabel(527)`"}[kind])
     args = [a.value for a in decl.kind.args if isinstance(a, ex.Num)]
+    if len(decl.kind.args) > 1 or len(args) != len(decl.kind.args) or decl.kind.kwargs or \
+            (args and (not float(args[0]).is_integer() or not 1 <= args[0] <= MAX_SIZE)):
+        raise SpecError(loc_kind.shifted(decl.kind.col), f"`{kind}(...)` takes one whole number from 1 to {MAX_SIZE}",
+                        {"label": "e.g. `label(10)` (classes)", "multilabel": "e.g. `multilabel(527)` (classes)",
+                         "waveform": "e.g. `waveform(16000)` (the sample rate in Hz)"}.get(kind, f"write `{kind}` without arguments"))
+    if args and kind not in ("label", "multilabel", "waveform"):
+        raise SpecError(loc_kind.shifted(decl.kind.col), f"a {kind} input takes no arguments", f"write `{kind}`")
     classes = int(args[0]) if kind in ("label", "multilabel") and args else None
     if kind in ("label", "multilabel") and not classes:
         raise SpecError(loc_kind.shifted(decl.kind.col), f"a {kind} input needs its number of classes", f"e.g. `{kind}(10)`")
     rate = int(args[0]) if kind == "waveform" and args else (16000 if kind in ("waveform", "fbank") else None)
+    if rate is not None and rate > MAX_SAMPLE_RATE:
+        raise SpecError(loc_kind.shifted(decl.kind.col), f"a sample rate of {rate} Hz is more than {MAX_SAMPLE_RATE} Hz",
+                        "e.g. `waveform(16000)`")
     return InputDecl(decl.name, decl.dims, kind, classes, rate, loc)
 
 
@@ -176,6 +183,9 @@ def _stream(doc: Doc, name: str, data: dict) -> StreamDecl:
 
 
 def _rules(doc: Doc, items: list, *path) -> tuple:
+    if len(items) > MAX_ROUTING_RULES:
+        raise SpecError(doc.loc(*path, MAX_ROUTING_RULES), f"{len(items)} routing rules here, more than the limit {MAX_ROUTING_RULES}",
+                        "write fewer, broader rules (a rule may list several query and key streams)")
     out = []
     for i, text in enumerate(items):
         loc = doc.loc(*path, i)
@@ -191,6 +201,8 @@ def _sizes(data: dict, base: Sizes | None = None) -> Sizes:
         mlp = int(round(width * float(data.get("mlp_ratio", 4))))
     else:
         mlp = base.mlp_dim if width == base.width else int(round(width * base.mlp_dim / base.width))
+    if mlp < 1:
+        raise _FeedForward(mlp)
     return Sizes(width, int(data.get("depth", base.depth if base else 1)), int(data.get("heads", base.heads if base else 1)), mlp)
 
 
@@ -199,10 +211,18 @@ def _final_norm(value) -> bool | str:
     return "shared" if value == "shared" else bool(value)
 
 
+class _FeedForward(ValueError):
+    """A feed-forward width below 1 (a tiny ``mlp_ratio``)."""
+
+
 def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
     path = ("encoders", name)
-    sizes = _sizes(data)
-    stream_sizes = {s: _sizes(o, sizes) for s, o in (data.get("sizes") or {}).items()}
+    try:
+        sizes = _sizes(data)
+        stream_sizes = {s: _sizes(o, sizes) for s, o in (data.get("sizes") or {}).items()}
+    except _FeedForward as err:
+        raise SpecError(doc.loc(*path, "mlp_ratio"), f"encoder '{name}' would have a feed-forward width of {err.args[0]}",
+                        "raise `mlp_ratio` (or set `mlp_dim`) so that width x mlp_ratio is at least 1") from None
     if "passes" in data and "routing" in data:
         raise SpecError(doc.key_loc(*path, "routing"), f"encoder '{name}' has both `routing:` and `passes:`",
                         "with passes, give each pass its own `routing:`")
@@ -250,9 +270,22 @@ def with_vars(node, sizes: dict):
     return node
 
 
-def _input_with_vars(decl: InputDecl, sizes: dict) -> InputDecl:
+def _input_with_vars(decl: InputDecl, sizes: dict, doc: Doc) -> InputDecl:
     """``caption[B, context]`` with ``vars: {context: 77}`` declares ``caption[B, 77]``."""
-    return replace(decl, dims=tuple(sizes.get(d, d) if isinstance(d, str) else d for d in decl.dims))
+    dims = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in decl.dims)
+    for d, value in zip(decl.dims, dims):
+        if d != value:
+            _check_dims(decl.name, (value,), (0,), doc.loc("vars", d), f" (from vars.{d})")
+    return replace(decl, dims=dims)
+
+
+def _check_dims(name: str, dims, cols, loc: Loc, origin: str = "") -> None:
+    for dim, col in zip(dims, cols):
+        if isinstance(dim, int) and dim < 1:
+            raise SpecError(loc.shifted(col), f"dimension {dim}{origin} of '{name}' must be at least 1", "sizes are positive")
+        if isinstance(dim, int) and dim > MAX_SIZE:
+            raise SpecError(loc.shifted(col), f"dimension {dim}{origin} of '{name}' is absurdly large (more than {MAX_SIZE})",
+                            "check the number")
 
 
 def _stream_with_vars(s: StreamDecl, sizes: dict) -> StreamDecl:
@@ -265,12 +298,23 @@ def from_doc(doc: Doc) -> Spec:
     validate(doc)
     d = doc.data
     sizes = number_vars(d.get("vars") or {})
+    for name, value in sizes.items():
+        if abs(value) > MAX_SIZE:
+            raise SpecError(doc.loc("vars", name), f"var '{name}' is {value}, more than the limit {MAX_SIZE}",
+                            "vars hold sizes and layer numbers; check the number")
+    name = d.get("name", "model")
+    if not name.isprintable() or len(name) > 200:
+        raise SpecError(doc.loc("name"), f"the name {name[:200]!r} holds a control character or is too long",
+                        "a name is one short line of text, e.g. `name: zorro-small`")
+    if len(d["streams"]) > MAX_STREAMS:
+        raise SpecError(doc.key_loc("streams"), f"the spec declares {len(d['streams'])} streams, more than the limit {MAX_STREAMS}",
+                        "models have a few token streams; group tokens into fewer streams")
     inputs = {}
     for key, kind in d["inputs"].items():
         decl = _input(doc, str(key), kind)
         if decl.name in inputs:
             raise SpecError(decl.loc, f"input '{decl.name}' is declared twice", "give each input its own name", code="S101")
-        inputs[decl.name] = _input_with_vars(decl, sizes)
+        inputs[decl.name] = _input_with_vars(decl, sizes, doc)
     streams = {n: _stream_with_vars(_stream(doc, n, s), sizes) for n, s in d["streams"].items()}
     encoders = {n: _encoder(doc, n, e) for n, e in d["encoders"].items()}
     rule_sets = {n: _rules(doc, r, "rule_sets", n) for n, r in (d.get("rule_sets") or {}).items()}

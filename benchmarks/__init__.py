@@ -5,6 +5,8 @@
     python -m benchmarks step SPEC...         # training step: eager fp32, eager bf16, compiled bf16
     python -m benchmarks compile SPEC...      # cold vs warm build + compile (compile cache)
     python -m benchmarks ensemble [SPEC...]   # N lone training steps vs one vectorized ensemble step (--members N)
+    python -m benchmarks profile SPEC --precision bf16   # top operators of one step, matrix work vs the rest
+    python -m benchmarks reference-cavmae --reference CHECKOUT --timm DIR   # vs the official CAV-MAE code
 
 Every command takes ``--json``. `avdsl bench` runs the step benchmark from the command line.
 """

@@ -8,12 +8,18 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble"])
+    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble",
+                                         "reference-cavmae", "reference-cavmae-once", "profile"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the minimum is reported)")
-    parser.add_argument("--precision", default="fp32", help="compile-once: fp32 or bf16")
+    parser.add_argument("--precision", default="fp32", help="compile-once, profile: fp32 or bf16")
+    parser.add_argument("--scope", choices=["regional", "whole"], default="regional",
+                        help="compile, step: compile each distinct encoder layer once (regional) or the whole model")
+    parser.add_argument("--reference", help="reference-cavmae: path of a checkout of the official CAV-MAE code")
+    parser.add_argument("--timm", help="reference-cavmae: folder holding timm 0.4.5 (pip install --target DIR)")
+    parser.add_argument("--device", default="cpu", help="reference-cavmae: cpu or cuda")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="step: skip a configuration whose predicted step time exceeds this many seconds")
     parser.add_argument("--members", type=int, default=4, help="ensemble: runs trained together")
@@ -30,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "step":
         from . import step
 
-        result = step.run(args.specs, args.batch, args.reps, args.budget)
+        result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope)
         text = step.render(result)
     elif args.what == "ensemble":
         from . import ensemble
@@ -40,12 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "compile":
         from . import compile as compile_bench
 
-        result = compile_bench.run(args.specs, args.batch or 2, args.precision)
+        result = compile_bench.run(args.specs, args.batch or 2, args.precision, args.scope)
         text = compile_bench.render(result)
+    elif args.what == "profile":
+        from . import profile
+
+        result = profile.run(args.specs[0], args.batch or 2, args.precision, args.reps)
+        text = profile.render(result)
+    elif args.what == "reference-cavmae":
+        from . import reference_cavmae
+
+        if not args.reference:
+            parser.error("reference-cavmae needs --reference CHECKOUT (a clone of the official CAV-MAE code)")
+        result = reference_cavmae.run(args.reference, args.timm, args.batch or 4, args.reps, args.device)
+        text = reference_cavmae.render(result)
+    elif args.what == "reference-cavmae-once":  # one configuration (run by `reference-cavmae` in a subprocess)
+        from . import reference_cavmae
+
+        who, mode, precision = args.specs
+        print(json.dumps(reference_cavmae.once(who, mode, precision, args.batch or 4, args.reps, args.reference,
+                                               args.timm, args.device)))
+        return 0
     else:  # one build + compile in this process (run by `compile` in a fresh subprocess)
         from . import compile as compile_bench
 
-        print(json.dumps(compile_bench.once(args.specs[0], args.batch or 2, args.precision)))
+        print(json.dumps(compile_bench.once(args.specs[0], args.batch or 2, args.precision, args.scope)))
         return 0
     print(json.dumps(result, indent=2) if args.json or text is None else text)
     return 0

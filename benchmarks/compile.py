@@ -1,7 +1,8 @@
 """Cold vs warm build + compile, each in a fresh Python process.
 
-Three runs per spec, each a new process that builds the model from the spec, `torch.compile`s it
-(fullgraph) and runs one forward + backward:
+Three runs per spec, each a new process that builds the model from the spec, compiles it (fullgraph;
+``--scope regional``, the default: each distinct encoder layer once, reused by the layers like it, see
+`avdsl.runtime.regional`; ``--scope whole``: the whole model) and runs one forward + backward:
   cold          empty avdsl cache, empty inductor cache: everything is compiled;
   warm          the avdsl compile cache filled by the cold run, a *new empty* inductor cache: only
                 `avdsl.runtime.compile_cache` can help (what a fresh machine or container sees);
@@ -21,19 +22,26 @@ import torch
 
 from avdsl.api import analyse
 from avdsl.compiler import compile_graph
-from avdsl.runtime import compile_cache
+from avdsl.runtime import compile_cache, regional
 from avdsl.runtime.trial import random_batch, timed_step
 
 
-def once(spec: str, batch: int, precision: str) -> dict:
+def compile_model(model, scope: str):
+    """The model compiled with fullgraph (a graph break is an error): per encoder layer, or whole."""
+    if scope == "regional" and regional.compile_layers(model, fullgraph=True, dynamic=False):
+        return model
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def once(spec: str, batch: int, precision: str, scope: str = "regional") -> dict:
     """Build + compile + one training forward/backward in this process, using the compile cache."""
     start = time.perf_counter()
     analysis = analyse(spec)
     model = compile_graph(analysis.graph).train()
     build_s = time.perf_counter() - start
-    key = compile_cache.CacheKey(model.spec_hash, precision, batch, "train")
+    key = compile_cache.CacheKey(model.spec_hash, precision, batch, f"train-{scope}")
     loaded = compile_cache.load(key)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+    compiled = compile_model(model, scope)
     data = random_batch(model.inputs, batch)
     step_start = time.perf_counter()
     timed_step(compiled, data, precision)
@@ -43,11 +51,11 @@ def once(spec: str, batch: int, precision: str) -> dict:
             "cache_loaded": loaded, "cache_saved": str(saved) if saved else None, "graph_breaks": 0}
 
 
-def _subprocess(spec: str, batch: int, precision: str, avdsl_dir: str, inductor_dir: str) -> dict:
+def _subprocess(spec: str, batch: int, precision: str, scope: str, avdsl_dir: str, inductor_dir: str) -> dict:
     env = dict(os.environ, AVDSL_CACHE_DIR=avdsl_dir, TORCHINDUCTOR_CACHE_DIR=inductor_dir)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benchmarks", "compile-once", spec, "--batch", str(batch),
-                           "--precision", precision], env=env, capture_output=True, text=True,
+                           "--precision", precision, "--scope", scope], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)
     if done.returncode:
         raise RuntimeError(f"compile of {spec} failed:\n{done.stderr[-3000:]}")
@@ -56,21 +64,22 @@ def _subprocess(spec: str, batch: int, precision: str, avdsl_dir: str, inductor_
     return result
 
 
-def run(specs: list[str], batch: int, precision: str) -> dict:
+def run(specs: list[str], batch: int, precision: str, scope: str = "regional") -> dict:
     rows = []
     for spec in specs:
         with tempfile.TemporaryDirectory() as root:
             avdsl, empty = f"{root}/avdsl", f"{root}/avdsl-empty"
             ind_cold, ind_warm = f"{root}/inductor-cold", f"{root}/inductor-warm"
-            runs = {"cold": _subprocess(spec, batch, precision, avdsl, ind_cold),
-                    "warm": _subprocess(spec, batch, precision, avdsl, ind_warm),
-                    "inductor-only": _subprocess(spec, batch, precision, empty, ind_cold)}
-        rows.append({"spec": spec, "batch": batch, "precision": precision, "runs": runs})
+            runs = {"cold": _subprocess(spec, batch, precision, scope, avdsl, ind_cold),
+                    "warm": _subprocess(spec, batch, precision, scope, avdsl, ind_warm),
+                    "inductor-only": _subprocess(spec, batch, precision, scope, empty, ind_cold)}
+        rows.append({"spec": spec, "batch": batch, "precision": precision, "scope": scope, "runs": runs})
     return {"rows": rows}
 
 
 def render(result: dict) -> str:
-    lines = [f"{'spec':<16}{'run':<15}{'build s':>9}{'compile+step s':>16}{'in-process s':>14}{'process s':>11}  cache"]
+    scopes = sorted({r.get("scope", "whole") for r in result["rows"]})
+    lines = [f"compiled: {', '.join(scopes)}", f"{'spec':<16}{'run':<15}{'build s':>9}{'compile+step s':>16}{'in-process s':>14}{'process s':>11}  cache"]
     for r in result["rows"]:
         for name, x in r["runs"].items():
             cache = "loaded" if x["cache_loaded"] else ("saved" if x["cache_saved"] else "-")

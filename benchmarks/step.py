@@ -17,16 +17,17 @@ from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
+from .compile import compile_model
 from .timing import machine_peaks
 
 MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("compiled", "fp32"))
 
 
-def make_step(model, optimizer, batch: dict, precision: str):
+def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu"):
     """One optimisation step as a closure; returns the loss."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(**batch)["loss"]
         loss.backward()
         optimizer.step()
@@ -34,14 +35,14 @@ def make_step(model, optimizer, batch: dict, precision: str):
     return step
 
 
-def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int) -> dict:
+def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int, scope: str = "regional") -> dict:
     """Build a fresh model, run one untimed step (for `compiled`: the compile), then ``reps`` timed."""
     analysis = analyse(spec)
     torch.manual_seed(0)
     model = compile_graph(analysis.graph).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the training loop
     torch.compiler.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
-    runner = torch.compile(model, fullgraph=True, dynamic=False) if mode == "compiled" else model
+    runner = compile_model(model, scope) if mode == "compiled" else model
     step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
     start = time.perf_counter()
     loss = float(step().detach())
@@ -54,7 +55,7 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int) -> di
     return {"step_s": min(times), "first_step_s": first, "loss": loss}
 
 
-def run(specs: list[str], batch: int | None, reps: int, budget: float) -> dict:
+def run(specs: list[str], batch: int | None, reps: int, budget: float, scope: str = "regional") -> dict:
     analyses = {spec: analyse(spec) for spec in specs}  # spec mistakes surface before any timing
     peaks = machine_peaks()
     rows = []
@@ -69,7 +70,7 @@ def run(specs: list[str], batch: int | None, reps: int, budget: float) -> dict:
                 row["skipped"] = f"predicted {predicted:.0f} s per step at half the {precision} peak > budget {budget:.0f} s"
             else:
                 try:
-                    row.update(time_mode(spec, b, mode, precision, reps))
+                    row.update(time_mode(spec, b, mode, precision, reps, scope))
                 except Exception as e:  # report and go on with the other configurations
                     row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                     rows.append(row)

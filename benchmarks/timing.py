@@ -49,9 +49,25 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> f
     return 2 * size ** 3 / fastest
 
 
+def cpu_features() -> str:
+    """PyTorch's CPU capability plus the bf16 matrix extensions the CPU announces (Linux /proc/cpuinfo):
+    e.g. "AVX512 +amx_bf16 +avx512_bf16". Without either extension bf16 matmuls are emulated."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    extra = [f"+{f}" for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return " ".join([torch.backends.cpu.get_cpu_capability()] + extra)
+
+
 def machine_peaks() -> dict:
     """fp32 and bf16 matmul peaks in TFLOP/s. bf16 uses a smaller matrix: on CPUs without native
     bf16 instructions it is emulated and a 1024 matmul takes seconds."""
     return {"fp32_tflops": matmul_peak(torch.float32) / 1e12,
             "bf16_tflops": matmul_peak(torch.bfloat16, size=512) / 1e12,
-            "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability()}
+            "threads": torch.get_num_threads(), "cpu": cpu_features()}

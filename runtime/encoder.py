@@ -80,6 +80,65 @@ class Block(nn.Module):
             h = F.gelu(h)
         return self.drop(self.fc2(h))
 
+    def forward(self, nk: str, attends: tuple["Attend", ...], x: dict) -> dict:
+        """This weight set's part of one layer: self-attention, cross-attention and feed-forward
+        for the query streams of ``attends`` (norms of pass ``nk``); returns {stream: new tokens}.
+        Every layer runs this same code, so compiling it once serves all layers (regional
+        compilation), and with ``fully_shard`` the layer's weights are gathered around this call."""
+        selfs = [a for a in attends if not a.cross]
+        crosses = [a for a in attends if a.cross]
+        queries = list(dict.fromkeys(a.query for a in attends))
+        h = {q: x[q] for q in queries}
+        if selfs:
+            attn = self.self_attention(nk, selfs, x)
+            for q, y in attn.items():
+                h[q] = h[q] + y
+        for a in crosses:
+            h[a.query] = h[a.query] + self.cross_attention(nk, a, h[a.query], x)
+        # feed-forward over all of this weight set's query tokens at once
+        names = list(h)
+        sizes = [h[q].shape[1] for q in names]
+        cat = torch.cat([h[q] for q in names], dim=1) if len(names) > 1 else h[names[0]]
+        cat = cat + self.mlp(self.norm2[nk](cat))
+        parts = torch.split(cat, sizes, dim=1) if len(names) > 1 else (cat,)
+        return dict(zip(names, parts))
+
+    def self_attention(self, nk: str, attends: list, x: dict) -> dict:
+        """Self-attention of one weight set: Q for query streams and K, V for key streams, each
+        projected once; then one SDPA per group of query streams that read the same keys; then one
+        output projection over every query token."""
+        queries = list(dict.fromkeys(a.query for a in attends))
+        keys = list(dict.fromkeys(k for a in attends for k in a.keys))
+        q, k, v = _project_qkv(self, self.norm1[nk], x, queries, keys)
+        sizes = {s: x[s].shape[1] for s in queries + keys}
+        groups: dict[tuple, list[str]] = {}
+        for a in attends:
+            groups.setdefault((a.keys, a.causal), []).append(a.query)
+        order, ys = [], []
+        for (group_keys, causal), qs in groups.items():
+            qh = _heads(_cat([q[s] for s in qs]), self.heads)
+            kh, vh = _heads(_cat([k[s] for s in group_keys]), self.heads), _heads(_cat([v[s] for s in group_keys]), self.heads)
+            if causal and len(qs) == 1 and group_keys == (qs[0],):
+                y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+            elif causal:
+                masks = [_prefix_causal_mask(s, group_keys, sizes, qh.device) if s in group_keys else
+                         torch.ones(sizes[s], sum(sizes[k_] for k_ in group_keys), dtype=torch.bool, device=qh.device)
+                         for s in qs]
+                y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
+            else:
+                y = F.scaled_dot_product_attention(qh, kh, vh)
+            order += qs
+            ys.append(_merge_heads(y))
+        y = self.drop(self.proj(_cat(ys)))
+        return dict(zip(order, torch.split(y, [sizes[s] for s in order], dim=1)))
+
+    def cross_attention(self, nk: str, attend: "Attend", h: torch.Tensor, x: dict) -> torch.Tensor:
+        memory = torch.cat([x[k] for k in attend.keys], dim=1) if len(attend.keys) > 1 else x[attend.keys[0]]
+        q = self.cross_q(self.norm_cross[nk](h))
+        k, v = self.cross_kv(memory).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
+        return self.drop(self.cross_proj(_merge_heads(y)))
+
 
 def _key(pass_name: str) -> str:
     return pass_name or "all"
@@ -106,25 +165,28 @@ def _over_streams(fn, x: dict, names: list) -> dict:
     return dict(zip(names, torch.split(y, [x[s].shape[1] for s in names], dim=1)))
 
 
-def _project_qkv(blk: "Block", norm: nn.Module, x: dict, queries: list, keys: list) -> tuple[dict, dict]:
-    """Queries {stream: [B, N, D]} and packed keys-values {stream: [B, N, 2D]}. Streams that are both
-    query and key (the usual case) share one fused QKV matmul; a key-only stream skips its Q and a
-    query-only stream its K and V, so the work matches what the cost pass counts."""
+def _project_qkv(blk: "Block", norm: nn.Module, x: dict, queries: list, keys: list) -> tuple[dict, dict, dict]:
+    """Queries, keys and values, each {stream: [B, N, D]}. Streams that are both query and key (the
+    usual case) share one fused QKV matmul whose output is split in three (its backward is one cat;
+    slicing would zero-fill and copy per slice); a key-only stream skips its Q and a query-only stream
+    its K and V, so the work matches what the cost pass counts."""
     d = blk.proj.in_features
     w, b = blk.qkv.weight, blk.qkv.bias
     both = [s for s in queries if s in keys]
     q: dict = {}
-    kv: dict = {}
+    k: dict = {}
+    v: dict = {}
     if both:
         for s, y in _over_streams(lambda t: blk.qkv(norm(t)), x, both).items():
-            q[s], kv[s] = y[..., :d], y[..., d:]
+            q[s], k[s], v[s] = y.split(d, dim=-1)
     q_only = [s for s in queries if s not in keys]
     if q_only:
         q.update(_over_streams(lambda t: F.linear(norm(t), w[:d], None if b is None else b[:d]), x, q_only))
     k_only = [s for s in keys if s not in queries]
     if k_only:
-        kv.update(_over_streams(lambda t: F.linear(norm(t), w[d:], None if b is None else b[d:]), x, k_only))
-    return q, kv
+        for s, y in _over_streams(lambda t: F.linear(norm(t), w[d:], None if b is None else b[d:]), x, k_only).items():
+            k[s], v[s] = y.split(d, dim=-1)
+    return q, k, v
 
 
 def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int], device) -> torch.Tensor:
@@ -209,24 +271,7 @@ class StreamTransformer(nn.Module):
             by_ws.setdefault(a.weights, []).append(a)
         updates: dict[str, list[torch.Tensor]] = {}
         for ws, attends in by_ws.items():
-            blk = self.blocks[ws][li]
-            selfs = [a for a in attends if not a.cross]
-            crosses = [a for a in attends if a.cross]
-            queries = list(dict.fromkeys(a.query for a in attends))
-            h = {q: x[q] for q in queries}
-            if selfs:
-                attn = self.self_attention(blk, nk, selfs, x)
-                for q, y in attn.items():
-                    h[q] = h[q] + y
-            for a in crosses:
-                h[a.query] = h[a.query] + self.cross_attention(blk, nk, a, h[a.query], x)
-            # feed-forward over all of this weight set's query tokens at once
-            names = list(h)
-            sizes = [h[q].shape[1] for q in names]
-            cat = torch.cat([h[q] for q in names], dim=1) if len(names) > 1 else h[names[0]]
-            cat = cat + blk.mlp(blk.norm2[nk](cat))
-            parts = torch.split(cat, sizes, dim=1) if len(names) > 1 else (cat,)
-            for q, y in zip(names, parts):
+            for q, y in self.blocks[ws][li](nk, tuple(attends), x).items():
                 updates.setdefault(q, []).append(y)
         new = dict(x)
         for q, ys in updates.items():
@@ -234,40 +279,12 @@ class StreamTransformer(nn.Module):
         return new
 
     def self_attention(self, blk: Block, nk: str, attends: list, x: dict) -> dict:
-        """Self-attention of one weight set: Q for query streams and K, V for key streams, each
-        projected once; then one SDPA per group of query streams that read the same keys; then one
-        output projection over every query token."""
-        queries = list(dict.fromkeys(a.query for a in attends))
-        keys = list(dict.fromkeys(k for a in attends for k in a.keys))
-        q, kv = _project_qkv(blk, blk.norm1[nk], x, queries, keys)
-        sizes = {s: x[s].shape[1] for s in queries + keys}
-        groups: dict[tuple, list[str]] = {}
-        for a in attends:
-            groups.setdefault((a.keys, a.causal), []).append(a.query)
-        order, ys = [], []
-        for (group_keys, causal), qs in groups.items():
-            k, v = _cat([kv[s] for s in group_keys]).chunk(2, dim=-1)
-            qh, kh, vh = _heads(_cat([q[s] for s in qs]), blk.heads), _heads(k, blk.heads), _heads(v, blk.heads)
-            if causal and len(qs) == 1 and group_keys == (qs[0],):
-                y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-            elif causal:
-                masks = [_prefix_causal_mask(s, group_keys, sizes, qh.device) if s in group_keys else
-                         torch.ones(sizes[s], sum(sizes[k_] for k_ in group_keys), dtype=torch.bool, device=qh.device)
-                         for s in qs]
-                y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
-            else:
-                y = F.scaled_dot_product_attention(qh, kh, vh)
-            order += qs
-            ys.append(_merge_heads(y))
-        y = blk.drop(blk.proj(_cat(ys)))
-        return dict(zip(order, torch.split(y, [sizes[s] for s in order], dim=1)))
+        """See :meth:`Block.self_attention` (kept here for the benchmarks and tests)."""
+        return blk.self_attention(nk, attends, x)
 
     def cross_attention(self, blk: Block, nk: str, attend: Attend, h: torch.Tensor, x: dict) -> torch.Tensor:
-        memory = torch.cat([x[k] for k in attend.keys], dim=1) if len(attend.keys) > 1 else x[attend.keys[0]]
-        q = blk.cross_q(blk.norm_cross[nk](h))
-        k, v = blk.cross_kv(memory).chunk(2, dim=-1)
-        y = F.scaled_dot_product_attention(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads))
-        return blk.drop(blk.cross_proj(_merge_heads(y)))
+        """See :meth:`Block.cross_attention`."""
+        return blk.cross_attention(nk, attend, h, x)
 
 
 def dense_attention_reference(blk: Block, nk: str, streams: dict, order: tuple, mask: torch.Tensor) -> dict:

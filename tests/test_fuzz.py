@@ -7,7 +7,10 @@ Never another exception, never a hang. Three kinds of input:
 * whole specs: random YAML documents, and mutations of every built-in spec (text-level: delete,
   duplicate, truncate, insert characters, swap numbers for 0/-1/huge, rename keys; data-level: delete
   a key, change a value's type), into `avdsl.api.analyse_text`;
-* loading safety: tags that construct objects are refused, alias expansion and nesting are bounded.
+* loading safety: tags that construct objects are refused, alias expansion and nesting are bounded;
+* ``--set`` values (hostile, mutated and random values at real and made-up keys of a shipped spec) and
+  manifests (rows dropped, retyped, replaced by random JSON or raw bytes): only `SpecError` /
+  `ManifestError`, fast.
 
 The hypothesis profile ``avdsl-ci`` is fixed (derandomized, no deadline) so CI runs the same examples
 every time; EXAMPLES says how many per property. The counts actually run are printed (pytest -s).
@@ -268,3 +271,94 @@ def test_nesting_at_the_bound_loads():
     for _ in range(depth - 1):
         node = node[0]
     assert node == [1]
+
+
+# ------------------------------------------------------------------------ --set values and manifests
+
+FAST = settings(CI, max_examples=60)  # a few seconds each
+SET_KEYS = ["name", "vars.fusion_layer", "encoders.backbone.depth", "encoders.backbone.width", "encoders.backbone.heads",
+            "encoders.backbone.mlp_ratio", "encoders.backbone.routing.0", "streams.audio.tokenizer", "inputs",
+            "losses", "outputs.za", "train.lr", "train.batch_size", "dims.B", "extends", "routing.\u00b2",
+            "encoders..depth", "encoders.backbone.streams.99", "streams.audio"]
+SET_VALUES = ["0", "-1", "1e999", ".nan", "-.inf", "9" * 400, "[" * 200, "{a: " * 80, "*x", "&a [*a]", "!!python/name:os.system",
+              "[&a [x, x, x, x], &b [*a, *a, *a, *a], [*b, *b, *b, *b]]", "'", '"\\x00"', "a: b", "- x", "~", "", "\u00b2",
+              "mean(", "nce(za, zv, tau=0)", "audio <- audio @ 0..99999", "patch2d(0, 0)", "\x1b[31m", "x\ny"]
+
+
+@st.composite
+def set_item(draw) -> str:
+    """`key=value` with a key near the base spec's keys and a hostile, mutated or random value."""
+    key = draw(st.one_of(st.sampled_from(SET_KEYS), st.from_regex(r"[a-z_.0-9]{1,20}", fullmatch=True)))
+    value = draw(st.one_of(st.sampled_from(SET_VALUES), mutated(SET_VALUES[:12], YAML_CHARS), st.text(max_size=30)))
+    return f"{key}={value}"
+
+
+@FAST
+@given(items=st.lists(set_item(), min_size=1, max_size=3))
+def test_set_values_raise_only_spec_errors(items):
+    RUNS["--set mutations"] += 1
+    t0 = time.perf_counter()
+    try:
+        _analyse_with(items)
+    except SpecError as err:
+        assert err.diagnostic.message
+    assert time.perf_counter() - t0 < 2.0
+
+
+def _analyse_with(items: list[str]):
+    from avdsl.api import analyse
+
+    return analyse("tiny/zorro", items)
+
+
+MANIFEST_ROW = {"path": "clip.mp4", "label": 1, "caption": "a red disk", "split": "val"}
+JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
+                                     st.text(max_size=10)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                           max_leaves=6)
+
+
+@st.composite
+def manifest_text(draw) -> tuple[str, bytes]:
+    """A manifest (.jsonl or .csv) whose rows are a valid row with a key dropped, retyped or renamed,
+    random JSON values, or raw bytes."""
+    import json
+
+    suffix = draw(st.sampled_from([".jsonl", ".csv", ".json", ""]))
+    lines = []
+    for _ in range(draw(st.integers(0, 4))):
+        row = dict(MANIFEST_ROW)
+        kind = draw(st.sampled_from(["keep", "drop", "retype", "random", "bytes"]))
+        key = draw(st.sampled_from(sorted(row)))
+        if kind == "drop":
+            row.pop(key)
+        elif kind == "retype":
+            row[key] = draw(JSON_VALUES)
+        if suffix == ".csv":
+            line = ",".join(str(row.get(k, "")) for k in MANIFEST_ROW)
+        else:
+            line = json.dumps(draw(JSON_VALUES)) if kind == "random" else json.dumps(row)
+        if kind == "bytes":
+            line = draw(st.text(alphabet="{}[]\",:\x00\\ab1", max_size=20))
+        lines.append(line)
+    header = ",".join(MANIFEST_ROW) + "\n" if suffix == ".csv" and draw(st.booleans()) else ""
+    return suffix, (header + "\n".join(lines)).encode("utf-8", "surrogatepass")
+
+
+@FAST
+@given(manifest=manifest_text())
+def test_manifests_raise_only_manifest_errors(manifest, tmp_path_factory):
+    from avdsl.runtime.contracts import InputSpec
+    from avdsl.runtime.data.media import ManifestError, MediaDataset
+
+    RUNS["manifest mutations"] += 1
+    suffix, raw = manifest
+    path = tmp_path_factory.mktemp("m") / f"m{suffix}"
+    path.write_bytes(raw)
+    inputs = [InputSpec("label", "label", (), 4), InputSpec("caption", "text", (8,))]
+    try:
+        data = MediaDataset(path, inputs, split="val", train=False)
+    except ManifestError as err:
+        assert str(err)
+        return
+    assert len(data) >= 1

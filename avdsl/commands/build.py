@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..api import analyse
+from ..limits import MAX_BATCH
 from .common import SPEC_HELP, Precision, complete_spec, out
 from ..summary import render, summarize
 
@@ -24,7 +25,7 @@ def build_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (for scripts)."),
     emit: Optional[Emit] = typer.Option(None, "--emit", help="Print the generated forward code, or the graph (nodes and edges)."),
     compile_: bool = typer.Option(False, "--compile", help="Also torch.compile the model and time one forward+backward on random inputs."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size for --compile (default: the spec's `dims.B`, else 2)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=MAX_BATCH, help="Batch size for --compile (default: the spec's `dims.B`, else 2)."),
     precision: Precision = typer.Option(Precision.fp32, "--precision", help="Precision for --compile (bf16: autocast)."),
 ) -> None:
     """Validate SPEC, infer every shape, and print a summary: streams, routing per layer range,
@@ -75,10 +76,12 @@ def build_command(
 def _compile_and_run(analysis, batch: int, precision: str) -> dict:
     import torch
 
-    from ..compiler import compile_graph
+    from ..compiler import compile_graph, device_memory
+    from ..passes.memory import check_fits
     from ..runtime import compile_cache
     from ..runtime.trial import random_batch, timed_step
 
+    check_fits(analysis.graph, analysis.cost, batch, True, device_memory("cpu"))  # a training step at this batch
     model = compile_graph(analysis.graph)
     model.train()
     data = random_batch(model.inputs, batch)

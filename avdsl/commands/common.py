@@ -14,9 +14,10 @@ from enum import Enum
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from typer.exceptions import TyperException
 
-from ..diagnostics import SpecError, render
+from ..diagnostics import SpecError, printable, render
 from ..loader import builtin_names
 
 EXIT_OK, EXIT_FINDINGS, EXIT_BAD_SPEC, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -55,7 +56,7 @@ def report(error: SpecError | CommandError | TyperException, as_json: bool = Fal
         print(json.dumps({"error": payload}, indent=2))
         return
     headline, _, rest = text.partition("\n")
-    err.print(f"[bold red]error[/]: {headline}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error[/]: {escape(printable(headline))}", highlight=False, markup=True, soft_wrap=True)  # user text is no markup
     if rest:
         err.print(rest, highlight=False, markup=False, soft_wrap=True)
 

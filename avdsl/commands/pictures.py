@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..api import analyse
 from .common import SPEC_HELP, CommandError, complete_spec, out
@@ -36,13 +37,26 @@ def graph_command(
     suffix = output.suffix.lower()
     if suffix not in GRAPH_FORMATS:
         raise CommandError(f"cannot write '{output}': unknown picture format", f"use one of {', '.join(GRAPH_FORMATS)}")
-    if suffix == ".dot":
-        output.write_text(to_dot(flow, analysis.spec.name))
-    elif suffix == ".mmd":
-        output.write_text(to_mermaid(flow))
-    else:
-        draw_dataflow(flow, str(output), f"{analysis.spec.name}: dataflow")
-    out.print(f"wrote {output}", highlight=False)
+    _check_output(output)
+    try:
+        if suffix == ".dot":
+            output.write_text(to_dot(flow, analysis.spec.name))
+        elif suffix == ".mmd":
+            output.write_text(to_mermaid(flow))
+        else:
+            draw_dataflow(flow, str(output), f"{analysis.spec.name}: dataflow")
+    except OSError as e:
+        raise CommandError(f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
+    out.print(f"wrote {escape(str(output))}", highlight=False)
+
+
+def _check_output(output: Path) -> None:
+    """``-o FILE`` must lie in an existing folder and not be a folder itself."""
+    if not output.parent.is_dir():
+        raise CommandError(f"cannot write -o {str(output)!r}: the folder '{output.parent}' does not exist",
+                           "create the folder first, or write into an existing one")
+    if output.is_dir():
+        raise CommandError(f"cannot write -o {str(output)!r}: it is a folder", "name a file, e.g. `-o graph.png`")
 
 
 def masks_command(
@@ -66,5 +80,9 @@ def masks_command(
     if output is not None:
         if output.suffix.lower() not in (".png", ".svg"):
             raise CommandError(f"cannot write '{output}': unknown picture format", "use .png or .svg")
-        draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
-        out.print(f"wrote {output}", highlight=False)
+        _check_output(output)
+        try:
+            draw_masks(panels, str(output), f"{analysis.spec.name}: routing masks")
+        except OSError as e:
+            raise CommandError(f"cannot write -o {str(output)!r}: {e.strerror or e}", "pass a writable file path") from None
+        out.print(f"wrote {escape(str(output))}", highlight=False)

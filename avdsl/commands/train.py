@@ -6,18 +6,30 @@ nothing to download) or a manifest of real media files (`--data clips/manifest.j
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
 import time
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import limits
 from ..api import analyse_doc
 from ..diagnostics import Loc, SpecError
+from ..loader import load_file, load_text, read_text
 from .common import EXIT_BAD_SPEC, EXIT_FINDINGS, SPEC_HELP, CommandError, Precision, complete_spec, err, out
-from ..loader import load_file, load_text
+
+class Strategy(str, Enum):
+    """How several processes hold the model (`--strategy`)."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
 
 TRAIN_DEFAULTS = {"train_size": 2048, "val_size": 256}
 
@@ -33,8 +45,10 @@ def _datasets(model, data: str, train_size: int, val_size: int, seed: int, mater
     from ..runtime.data.loader import Materialized
 
     if data == "synthetic":
-        train_set = SyntheticAV(model.inputs, train_size, seed=seed, split="train")
+        train_set = SyntheticAV(model.inputs, train_size, seed=seed, split="train") if train_size else None
         val_set = SyntheticAV(model.inputs, val_size, seed=seed, split="val")
+        if materialize and (train_size + val_size) * _clip_bytes(model.inputs) > limits.MATERIALIZE_BYTES:
+            materialize = False  # too many clips to hold in memory: render each when it is read
         if materialize:
             with Progress(TextColumn("rendering synthetic clips"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                           TimeRemainingColumn(), console=err, transient=True) as bar:
@@ -42,12 +56,26 @@ def _datasets(model, data: str, train_size: int, val_size: int, seed: int, mater
                 train_set = Materialized(train_set, lambda i, n: bar.update(task, completed=i))
                 val_set = Materialized(val_set, lambda i, n: bar.update(task, completed=train_size + i))
         return train_set, val_set
+    from ..runtime.data.media import ManifestError
+
     path = Path(data)
     if not path.is_file():
         raise SpecError(Loc(data), f"--data: no manifest file '{data}'",
                         "pass `synthetic` (the default) or a .csv/.jsonl manifest of media files")
-    return (MediaDataset(path, model.inputs, split="train", train=True),
-            MediaDataset(path, model.inputs, split="val", train=False))
+    try:
+        return (MediaDataset(path, model.inputs, split="train", train=True) if train_size else None,
+                MediaDataset(path, model.inputs, split="val", train=False))
+    except ManifestError as e:
+        raise SpecError(Loc(data, max(e.line, 1)), f"--data: {e}",
+                        "one JSON object (or CSV row) per clip with `path`, `label`, `caption`, `split` (train/val)") from None
+
+
+def _clip_bytes(inputs) -> int:
+    """Bytes one rendered clip takes in memory (float32 / int64 tensors of every input)."""
+    total = 0
+    for spec in inputs:
+        total += 8 * math.prod(d for d in spec.shape if isinstance(d, int))
+    return total
 
 
 def _config(spec_train: dict, options: dict):
@@ -62,7 +90,7 @@ def _config(spec_train: dict, options: dict):
 
 def _default_run_dir(name: str, resume: bool) -> str:
     base = Path("runs")
-    safe = name.replace("/", "-")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "model"
     if resume:
         previous = sorted(base.glob(f"{safe}-*"))
         if previous:
@@ -75,14 +103,17 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     """Build and train in this process (called directly, or once per rank by `--nproc`)."""
     import torch
 
-    from ..compiler import compile_graph
+    from ..compiler import compile_graph, device_memory
+    from ..passes.memory import check_fits
     from ..runtime.train import setup_distributed, train
 
     info = setup_distributed()
     analysis = analyse_doc(load_file(spec, overrides))
     torch.manual_seed(options.get("seed") or 0)
-    model = compile_graph(analysis.graph)
     config = _config(analysis.spec.train, options)
+    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
+    check_fits(analysis.graph, analysis.cost, config.batch_size, True, device_memory(device), f"device {device}")
+    model = compile_graph(analysis.graph)
     train_set, val_set = _datasets(model, data, sizes["train_size"], sizes["val_size"], config.seed,
                                    materialize=data == "synthetic" and config.workers == 0)
     summary = train(model, train_set, val_set, config, model.spec_text, model.spec_hash,
@@ -90,30 +121,93 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     return summary.to_dict()
 
 
-def _worker(spec, overrides, options, data, sizes):  # module level: started once per process by --nproc
-    _train_process(spec, overrides, options, data, sizes)
+def _fits(analysis, batch: int) -> None:
+    """Refuse a batch whose inputs and activations cannot fit, before they are allocated."""
+    from ..compiler import device_memory
+    from ..passes.memory import check_fits
+
+    check_fits(analysis.graph, analysis.cost, batch, False, device_memory("cpu"))
+
+
+def _learning_rate(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= limits.MAX_LR):
+        raise typer.BadParameter(f"{value} is not a learning rate: it must be a number above 0 and at most {limits.MAX_LR:g}")
+    return value
+
+
+def _check_device(name: str | None) -> None:
+    """``--device`` must name a device this machine has (checked before any work starts)."""
+    import torch
+
+    if name in (None, "auto"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {name!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise CommandError(f"--device {name!r}: only cpu and cuda devices are supported", "use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        raise CommandError(f"--device {name!r}: this machine has {count} CUDA device{'s' if count != 1 else ''}",
+                        "use --device auto or cpu" + (f", or cuda:0 .. cuda:{count - 1}" if count else ""))
+
+
+_VIRTUAL_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """The run directory must be a directory this process can create and write files in."""
+    path = Path(run_dir)
+    hint = "pass --run-dir pointing at a writable folder (it is created if missing)"
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise CommandError(f"--run-dir {run_dir!r} is not a usable path", hint) from None
+    if any(real == Path(v) or real.is_relative_to(v) for v in _VIRTUAL_FILESYSTEMS):
+        raise CommandError(f"--run-dir {run_dir!r} lies in {real.parts[1] and '/' + real.parts[1]}, not on a disk", hint)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"--run-dir {run_dir!r} exists and is not a directory", hint)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CommandError(f"--run-dir {run_dir!r} cannot be written: {e.strerror or e}", hint) from None
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived before the training loop took over the signal."""
+
+
+def _terminate_early(signum, frame):
+    raise _Terminated()
 
 
 def train_command(
     spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value (repeatable)."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` (embedded, generated) or a .csv/.jsonl manifest of media files."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the spec's `train.steps`)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-process batch size."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=limits.MAX_STEPS, help="Optimizer steps (default: the spec's `train.steps`)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=limits.MAX_BATCH, help="Per-process batch size."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_learning_rate, help="Peak learning rate (AdamW, warmup + cosine)."),
     precision: Optional[Precision] = typer.Option(None, "--precision", help="Training precision (bf16: autocast; default: the spec's `train.precision`)."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where checkpoints, metrics.jsonl, curves.png and summary.json go."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of --run-dir (or of the newest run of this spec)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on the held-out split every N steps."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a checkpoint every N steps."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=limits.MAX_SEED),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0, max=limits.MAX_STEPS, help="Evaluate on the held-out split every N steps (0: only at the end)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=0, max=limits.MAX_STEPS, help="Write a checkpoint every N steps (0: only at the end)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, max=limits.MAX_WORKERS, help="DataLoader worker processes."),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="Skip steps with a non-finite loss instead of stopping."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (DDP; gloo on CPU, nccl on GPU)."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", help="Synthetic clips in the training split."),
-    val_size: Optional[int] = typer.Option(None, "--val-size", help="Synthetic clips in the held-out split."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=limits.MAX_NPROC, help="Processes on this machine (gloo on CPU, nccl on GPU), started by torch's launcher."),
+    strategy: Optional[Strategy] = typer.Option(None, "--strategy", help="With several processes: ddp (each holds the model) or fsdp (parameters, gradients and optimizer state sharded)."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, max=limits.MAX_SYNTHETIC_CLIPS, help="Synthetic clips in the training split."),
+    val_size: Optional[int] = typer.Option(None, "--val-size", min=1, max=limits.MAX_SYNTHETIC_CLIPS, help="Synthetic clips in the held-out split."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout (progress goes to stderr)."),
 ) -> None:
     """Train SPEC and print live progress, held-out metrics before and after, and a summary.
@@ -129,38 +223,58 @@ def train_command(
 
       avdsl train tiny/zorro --run-dir runs/a --resume
 
-      avdsl train tiny/mbt --nproc 2
+      avdsl train tiny/mbt --nproc 2 --strategy fsdp
 
-    Several machines: `torchrun --nproc_per_node N -m avdsl train SPEC ...` (each process trains its shard).
+    Several machines: `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT
+    -m avdsl train SPEC ...` on each (each process trains its shard of every batch).
     """
-    from ..runtime.train import CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
+    previous = signal.signal(signal.SIGTERM, _terminate_early)  # until the loop installs its own handler
+    try:
+        _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
+               checkpoint_every, workers, skip_nonfinite, device, nproc, strategy, train_size, val_size, as_json)
+    except _Terminated:
+        raise CommandError("terminated (SIGTERM) before training started; no checkpoint was written",
+                           "nothing to resume: start the run again", 143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+def _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
+           checkpoint_every, workers, skip_nonfinite, device, nproc, strategy, train_size, val_size, as_json) -> None:
     doc = load_file(spec, set_ or [])
-    analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts
+    analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts (and before torch loads)
+    _check_device(device)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
+
     spec_train = analysis.spec.train
     sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
     options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision.value if precision else None, "compile": compile_,
                "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "workers": workers,
-               "device": device, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
+               "device": device, "strategy": strategy.value if strategy else None, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
                "run_dir": run_dir or _default_run_dir(analysis.spec.name, resume)}
-    (err if as_json else out).print(f"training [bold]{analysis.spec.name}[/] ({doc.file}) -> {options['run_dir']}")
+    _config(spec_train, options)  # a bad setting fails here, before any process starts
+    _check_run_dir(options["run_dir"])
+    (err if as_json else out).print(f"training [bold]{escape(analysis.spec.name)}[/] ({escape(doc.file)}) -> {escape(options['run_dir'])}")
     try:
-        if nproc > 1:
-            launch(nproc, _worker, spec, set_ or [], options, data, sizes)
-            summary_path = Path(options["run_dir"]) / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        else:
-            summary = _train_process(spec, set_ or [], options, data, sizes, log_to_stderr=as_json)
+        # with --nproc N, torch's launcher runs _train_process once per process; rank 0's summary returns
+        summary = launch(nproc, _train_process, spec, set_ or [], options, data, sizes, as_json) or {}
     except NonFiniteLoss as e:
         raise CommandError(str(e), "lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
                            "the last good checkpoint is kept (resume with --resume)", EXIT_FINDINGS) from None
     except CheckpointMismatch as e:
         raise CommandError(str(e), "train it from scratch with another --run-dir", EXIT_BAD_SPEC) from None
+    except CheckpointCorrupt as e:
+        raise CommandError(f"the checkpoint cannot be read: {e}", "it is damaged or incomplete: move it away, or pass "
+                           "another --run-dir", EXIT_BAD_SPEC) from None
     except CheckpointWriteError as e:
         raise CommandError(str(e), "free disk space or pass another --run-dir; earlier checkpoints are intact",
                            EXIT_FINDINGS) from None
     except FileExistsError as e:
         raise CommandError(str(e), "pass --resume to continue that run, or another --run-dir") from None
+    except ChildFailedError as e:  # --nproc: a process failed; the launcher names the rank and its error
+        raise CommandError(str(e), "the failing rank's error is shown above", EXIT_FINDINGS) from None
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
     if summary.get("interrupted"):
@@ -170,7 +284,7 @@ def train_command(
 def _load_run(checkpoint: str, set_: list):
     """The spec stored with a checkpoint, its model with the checkpoint's weights, and the checkpoint."""
     from ..compiler import compile_graph
-    from ..runtime.train import find_latest, load_checkpoint
+    from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, find_latest, load_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir() and not (path / "model.safetensors").is_file():
@@ -181,17 +295,23 @@ def _load_run(checkpoint: str, set_: list):
     spec_file = path / "spec.yaml"
     if not spec_file.is_file():
         raise SpecError(Loc(checkpoint), "this is not a checkpoint (no spec.yaml)", "pass a run directory or one of its step-* folders")
-    analysis = analyse_doc(load_text(spec_file.read_text(), str(spec_file), set_))
+    analysis = analyse_doc(load_text(read_text(spec_file, str(spec_file)), str(spec_file), set_))
     model = compile_graph(analysis.graph)
-    load_checkpoint(path, model, spec_hash=None if set_ else model.spec_hash)
+    try:
+        load_checkpoint(path, model, spec_hash=None if set_ else model.spec_hash)
+    except CheckpointMismatch as e:
+        raise SpecError(Loc(str(path)), str(e), "evaluate a checkpoint with the spec it was written with") from None
+    except (CheckpointCorrupt, FileNotFoundError) as e:
+        raise SpecError(Loc(str(path)), f"the checkpoint cannot be read: {e}",
+                        "it is damaged or incomplete; use another step-* folder of the run") from None
     return analysis, model, path
 
 
 def eval_command(
     checkpoint: str = typer.Argument(..., help="A run directory (its newest checkpoint) or a step-* checkpoint folder."),
     data: str = typer.Option("synthetic", "--data", help="`synthetic` or a manifest; the held-out (val) split is used."),
-    batches: int = typer.Option(8, "--batches", help="Evaluation batches."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batches: int = typer.Option(8, "--batches", min=1, max=limits.MAX_EVAL_BATCHES, help="Evaluation batches."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=limits.MAX_BATCH),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON."),
 ) -> None:
     """Evaluate a checkpoint on held-out data: retrieval R@1/5/10 and median rank for contrastive
@@ -201,13 +321,15 @@ def eval_command(
     from ..runtime.train import evaluate
 
     analysis, model, path = _load_run(checkpoint, [])
+    _fits(analysis, batch_size)
     stored = analysis.spec.train
-    _, val_set = _datasets(model, data, 1, max(batches * batch_size, stored.get("val_size", 0)), stored.get("seed", 0), False)
+    val_size = min(max(batches * batch_size, stored.get("val_size", 0)), limits.MAX_SYNTHETIC_CLIPS)
+    _, val_set = _datasets(model, data, 0, val_size, stored.get("seed", 0), False)
     metrics = evaluate(model, val_set, batches, batch_size)
     if as_json:
         print(json.dumps({"checkpoint": str(path), **metrics}, indent=2))
         return
-    table = Table(title=f"{analysis.spec.name} @ {path}")
+    table = Table(title=escape(f"{analysis.spec.name} @ {path}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
@@ -219,7 +341,7 @@ def export_command(
     checkpoint: str = typer.Argument(..., help="A run directory or a step-* checkpoint folder."),
     format: ExportFormat = typer.Option(ExportFormat.torch_export, "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: model.pt2 / model.onnx in the checkpoint folder)."),
-    batch: int = typer.Option(2, "--batch", help="Example batch size used for tracing."),
+    batch: int = typer.Option(2, "--batch", min=1, max=limits.MAX_BATCH, help="Example batch size used for tracing."),
 ) -> None:
     """Write a deployable model from a checkpoint and check it against eager outputs."""
     import torch
@@ -227,7 +349,8 @@ def export_command(
     from ..runtime.train import ExportError, export
     from ..runtime.trial import random_batch
 
-    _, model, path = _load_run(checkpoint, [])
+    analysis, model, path = _load_run(checkpoint, [])
+    _fits(analysis, batch)
     model.eval()
     example = random_batch(model.inputs, batch)
     target = Path(output) if output else path / ("model.pt2" if format == ExportFormat.torch_export else "model.onnx")
@@ -237,4 +360,4 @@ def export_command(
         raise CommandError(str(e), "see `avdsl export --help`", EXIT_FINDINGS) from None
     with torch.no_grad():
         _ = model(**example)
-    out.print(f"wrote {written}")
+    out.print(f"wrote {escape(str(written))}")

@@ -268,5 +268,22 @@ def call_bound(node: CallNode, graph: Graph) -> ops.Bound:
     return b
 
 
+def _check_input_kinds(node: CallNode, graph: Graph) -> None:
+    """Class indices, label sets and token ids are targets, not features: an input of such a kind may
+    only be the target of its loss; a target or patches() argument must be an input of the right kind."""
+    inputs = graph.spec.inputs
+    for param, tensor in zip(node.tensor_params, node.inputs):
+        allowed = ops.INPUT_ARGUMENTS.get((node.op, param))
+        decl = inputs.get(tensor)
+        if allowed is not None and (decl is None or decl.kind not in allowed):
+            what = f"input '{decl.name}' is {decl.kind}" if decl is not None else f"'{tensor}' is not an input"
+            raise SpecError(node.loc, f"{node.op}(): argument '{param}' must be an input of kind {' or '.join(allowed)}; {what}",
+                            ops.INPUT_EXAMPLES[node.op])
+        if allowed is None and decl is not None and decl.kind not in ops.SIGNAL_KINDS:
+            raise SpecError(node.loc, f"{node.op}() cannot take input '{decl.name}': it is {decl.kind} (indices, not features)",
+                            "use it as the target of a loss, e.g. `ce(logits, label)`; tokenize text with a stream")
+
+
 def _call_shape(node: CallNode, graph: Graph) -> TensorInfo:
+    _check_input_kinds(node, graph)
     return TensorInfo(tuple(ops.OPS[node.op].shape(call_bound(node, graph), node.loc)))

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -63,16 +65,69 @@ class MediaError(ValueError):
 BAD_FILE_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 
-def read_manifest(manifest: str | Path) -> list[dict]:
-    """Rows of a ``.csv`` (with header) or ``.jsonl`` manifest, as dicts."""
+class ManifestError(ValueError):
+    """A manifest that cannot be used (not a regular file, too big, a malformed row); ``line`` is
+    the 1-based line of the problem (0 when it concerns the whole file)."""
+
+    def __init__(self, message: str, line: int = 0):
+        super().__init__(message)
+        self.line = line
+
+
+def _manifest_text(manifest: Path) -> str:
+    from avdsl.limits import MAX_MANIFEST_BYTES
+    from avdsl.loader import read_bounded
+
+    try:
+        raw = read_bounded(manifest, MAX_MANIFEST_BYTES, "manifest file")
+    except OSError as err:
+        raise ManifestError(f"cannot read the manifest: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError("the manifest is not UTF-8 text", raw[: err.start].count(b"\n") + 1) from None
+
+
+def manifest_rows(manifest: str | Path) -> list[tuple[int, dict]]:
+    """(line, row) for each row of a ``.csv`` (with header) or ``.jsonl`` manifest. Only a regular file
+    of at most MAX_MANIFEST_BYTES is read; a row that is not an object, or has no ``path`` string,
+    raises ManifestError at its line."""
+    from avdsl.limits import MAX_MANIFEST_ROWS
+
     manifest = Path(manifest)
+    if manifest.suffix not in (".jsonl", ".csv"):
+        raise ManifestError(f"manifest must end in .csv or .jsonl, got {manifest.name!r}")
+    text = _manifest_text(manifest)
+    rows: list[tuple[int, dict]] = []
     if manifest.suffix == ".jsonl":
-        with manifest.open() as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    if manifest.suffix == ".csv":
-        with manifest.open(newline="") as fh:
-            return list(csv.DictReader(fh))
-    raise ValueError(f"manifest must end in .csv or .jsonl, got {manifest.name!r}")
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ManifestError(f"line {number} is not JSON ({err})", number) from None
+            rows.append((number, row))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        try:
+            for row in reader:
+                rows.append((reader.line_num, row))
+        except csv.Error as err:
+            raise ManifestError(f"malformed CSV: {err}", reader.line_num) from None
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise ManifestError(f"row {number} is {type(row).__name__}, not an object with a `path`", number)
+        if not isinstance(row.get("path"), str) or not row["path"].strip():
+            raise ManifestError(f"row {number} has no `path` (the media file, relative to the manifest)", number)
+        if len(rows) > MAX_MANIFEST_ROWS:
+            raise ManifestError(f"more than {MAX_MANIFEST_ROWS} rows", number)
+    return rows
+
+
+def read_manifest(manifest: str | Path) -> list[dict]:
+    """Rows of a ``.csv`` (with header) or ``.jsonl`` manifest, as dicts (see `manifest_rows`)."""
+    return [row for _, row in manifest_rows(manifest)]
 
 
 def parse_labels(value) -> list[int]:
@@ -84,6 +139,25 @@ def parse_labels(value) -> list[int]:
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     return [int(part) for part in str(value).split(";") if part.strip()]
+
+
+def _check_labels(row: dict, number: int, inputs: list[InputSpec]) -> None:
+    """A row's labels must be whole numbers within the classes of every label input."""
+    for spec in inputs:
+        if spec.kind not in ("label", "multilabel"):
+            continue
+        try:
+            labels = parse_labels(row.get("label"))
+        except (TypeError, ValueError):
+            raise ManifestError(f"row {number}: label {str(row.get('label'))[:40]!r} is not a class number "
+                                "(or a list of them)", number) from None
+        classes = spec.classes or (spec.shape[0] if spec.kind == "multilabel" else None)
+        bad = [v for v in labels if v < 0 or (classes is not None and v >= classes)]
+        if bad:
+            raise ManifestError(f"row {number}: label {bad[0]} is outside the {classes} classes of "
+                                f"'{spec.name}' (0..{(classes or 1) - 1})", number)
+        if spec.kind == "label" and not labels:
+            raise ManifestError(f"row {number} has no `label` for '{spec.name}'", number)
 
 
 def decode_frames(path: Path, count: int) -> torch.Tensor:
@@ -163,7 +237,13 @@ class MediaDataset(Dataset):
         self.split = split
         self.train = train
         self.root = Path(root) if root is not None else Path(manifest).parent
-        self.rows = [row for row in read_manifest(manifest) if (row.get("split") or "train") == split]
+        found = [(n, row) for n, row in manifest_rows(manifest) if (row.get("split") or "train") == split]
+        if not found:
+            raise ManifestError(f"the manifest has no rows of split '{split}'" +
+                                (" (rows without `split` count as train)" if split != "train" else ""))
+        for number, row in found:
+            _check_labels(row, number, self.inputs)
+        self.rows = [row for _, row in found]
         self._bad = torch.zeros(len(self.rows), dtype=torch.bool).share_memory_()
         self.tokenizer = None
         if any(s.kind == "text" for s in self.inputs):
@@ -194,6 +274,8 @@ class MediaDataset(Dataset):
             return None
 
     def _load(self, row: dict, path: Path) -> dict[str, torch.Tensor]:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise MediaError("not a regular file")
         item = {}
         for spec in self.inputs:
             if spec.kind in ("video", "image"):

@@ -6,6 +6,7 @@ The main entry points::
     summary = train(model, train_set, val_set, TrainConfig(steps=100, run_dir="runs/x"), spec_text, spec_hash)
 """
 from .checkpoint import (
+    CheckpointCorrupt,
     CheckpointMismatch,
     CheckpointWriteError,
     find_latest,
@@ -20,6 +21,7 @@ from .loop import NonFiniteLoss, train
 from .report import RunSummary
 
 __all__ = [
+    "CheckpointCorrupt",
     "CheckpointMismatch",
     "CheckpointWriteError",
     "ExportError",

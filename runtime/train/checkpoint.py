@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from . import distributed
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "spec.yaml", "meta.json")
 LATEST_POINTER = "latest"
@@ -44,6 +46,15 @@ class CheckpointMismatch(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint's files cannot be read back (truncated, tampered with, not what they claim)."""
+
+
+# what writing a checkpoint raises on a full or failing disk: OSError from Python's own writes,
+# RuntimeError from torch.save ("PytorchStreamWriter failed writing file"), SafetensorError from save_model
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -134,10 +145,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_files(
-    folder: Path, model: torch.nn.Module, state: dict, spec_text: str, meta: dict
+    folder: Path, model: torch.nn.Module, state: dict, spec_text: str, meta: dict,
+    model_state: dict | None = None,
 ) -> None:
     """Write the four checkpoint files into ``folder`` and fsync each of them."""
-    save_model(model, str(folder / "model.safetensors"))
+    if model_state is None:
+        save_model(model, str(folder / "model.safetensors"))
+    else:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
     torch.save(state, folder / "state.pt")
     _write_text(folder / "spec.yaml", spec_text)
     _write_text(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -167,6 +182,8 @@ def save_checkpoint(
     counters: dict | None = None,
     baseline: dict | None = None,
     keep: int | None = None,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoint ``run_dir/step-{step:06d}`` atomically and return its path.
 
@@ -174,6 +191,8 @@ def save_checkpoint(
     captured here. ``keep`` (if given) prunes all but the newest ``keep`` complete checkpoints.
     Raises :class:`CheckpointWriteError` when the disk is full (or any OS error hits the write); the
     partial temporary directory is removed and earlier checkpoints stay as they were.
+    ``model_state`` and ``optimizer_state`` (un-sharded, keyed by parameter name, see
+    ``distributed.full_state``) replace ``model``'s and ``optimizer``'s own when given (a sharded model).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +201,8 @@ def save_checkpoint(
     temp = run_dir / f"{_TEMP_PREFIX}{name}-{os.getpid()}"
     state = {
         "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state if optimizer_state is not None else (
+            optimizer.state_dict() if optimizer is not None else None),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": capture_rng_state(),
         "config": dict(config),
@@ -201,7 +221,7 @@ def save_checkpoint(
         if temp.exists():
             shutil.rmtree(temp)
         temp.mkdir()
-        _write_files(temp, model, state, spec_text, meta)
+        _write_files(temp, model, state, spec_text, meta, model_state)
         _fsync_dir(temp)
         if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
             stale = run_dir / f"{_TEMP_PREFIX}old-{name}-{os.getpid()}"
@@ -212,10 +232,10 @@ def save_checkpoint(
             os.replace(temp, final)
         _fsync_dir(run_dir)
         _update_latest_pointer(run_dir, name)
-    except OSError as error:
+    except _WRITE_ERRORS as error:
         shutil.rmtree(temp, ignore_errors=True)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
-        if error.errno == errno.ENOSPC:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or _disk_full(run_dir):
             raise CheckpointWriteError(
                 f"out of disk space while writing checkpoint {name} in {run_dir}; {kept}. "
                 "Free some space (or lower keep_checkpoints) and resume."
@@ -226,6 +246,14 @@ def save_checkpoint(
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _disk_full(folder: Path) -> bool:
+    """True when the file system holding ``folder`` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
@@ -257,7 +285,7 @@ def is_complete(path: str | os.PathLike) -> bool:
     if not all((path / name).is_file() for name in CHECKPOINT_FILES):
         return False
     try:
-        json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        read_meta(path)
     except (OSError, ValueError):
         return False
     return True
@@ -290,8 +318,14 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The meta.json of checkpoint ``path``."""
-    return json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+    """The meta.json of checkpoint ``path`` (a JSON object of at most MAX_JSON_BYTES)."""
+    from avdsl.limits import MAX_JSON_BYTES
+    from avdsl.loader import read_bounded
+
+    meta = json.loads(read_bounded(Path(path) / "meta.json", MAX_JSON_BYTES, "meta.json").decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta.json holds {type(meta).__name__}, not an object")
+    return meta
 
 
 def _check_shapes(path: Path, model: torch.nn.Module) -> None:
@@ -327,6 +361,15 @@ def load_checkpoint(
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (missing files)")
+    try:
+        return _load(path, model, optimizer, scheduler, spec_hash)
+    except (CheckpointMismatch, FileNotFoundError):
+        raise
+    except Exception as error:  # any failure to read untrusted files means the checkpoint is damaged
+        raise CheckpointCorrupt(f"{path}: {type(error).__name__}: {str(error)[:300]}") from error
+
+
+def _load(path: Path, model, optimizer, scheduler, spec_hash) -> LoadedCheckpoint:
     meta = read_meta(path)
     stored_hash = meta.get("spec_hash")
     if spec_hash is not None and stored_hash != spec_hash:
@@ -337,15 +380,28 @@ def load_checkpoint(
             "(without resume) to train the changed spec."
         )
     _check_shapes(path, model)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if distributed.is_sharded(model):
+        weights = load_file(str(path / "model.safetensors"))
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if not (missing or unexpected):
+            distributed.load_full_weights(model, weights)
+    else:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit the model; "
             f"missing from checkpoint: {sorted(missing)}; not in model: {sorted(unexpected)}"
         )
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    stored = state.get("optimizer")
+    if optimizer is not None and stored is not None:
+        if any(isinstance(key, str) for key in stored.get("state", {})) or any(
+            isinstance(p, str) for g in stored.get("param_groups", []) for p in g.get("params", [])
+        ):  # keyed by parameter name: written by a run of any number of processes
+            distributed.load_full_optimizer_state(model, optimizer, stored)
+        else:
+            optimizer.load_state_dict(stored)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return LoadedCheckpoint(

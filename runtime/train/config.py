@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -39,10 +40,13 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # "stop" | "skip"
     resume: bool = False  # continue from the newest complete checkpoint in run_dir
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+    strategy: str = "ddp"  # with several processes: "ddp" (replicas) | "fsdp" (sharded with fully_shard)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}"

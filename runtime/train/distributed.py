@@ -1,27 +1,37 @@
-"""Data-parallel training across processes (DistributedDataParallel).
+"""Training across processes: data parallel (DDP) or fully sharded (FSDP2), started by torch's launcher.
 
 Two ways to start N processes, both ending in the same ``setup_distributed()``:
 
-* ``avdsl train spec.yaml --nproc N`` calls :func:`launch`, which spawns N local processes on
-  127.0.0.1 with a free port;
-* the equivalent torchrun line is
-  ``torchrun --nproc_per_node N -m avdsl train spec.yaml ...``; torchrun sets RANK,
-  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which ``setup_distributed()`` reads.
+* ``avdsl train spec.yaml --nproc N`` calls :func:`launch`, which starts N local processes through
+  torch's elastic launcher (what ``torchrun --standalone`` runs; its c10d store picks the port);
+* torchrun itself, on one or several machines:
+  ``torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m avdsl train spec.yaml``;
+  torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, which ``setup_distributed()`` reads.
 
-The backend is nccl when CUDA is available (one GPU per local rank) and gloo on CPU. The training
-loop asks :func:`current` who it is: it wraps the model in DDP when the world size is above 1,
-reads its own shard of every global batch, and only rank 0 writes checkpoints, logs and bars.
+The backend is nccl when CUDA is available (one GPU per local rank) and gloo on CPU. The training loop
+asks :func:`current` who it is and :func:`wrap` prepares the model for the chosen strategy:
+
+* ``ddp``: every process holds the whole model; gradients are averaged (DistributedDataParallel);
+* ``fsdp``: parameters, gradients and optimizer state are sharded across processes with torch's
+  ``fully_shard`` (FSDP2): each transformer layer and then the whole model is one unit that is gathered
+  for its forward and backward and sharded again afterwards.
+
+Checkpoints stay one un-sharded set of files whatever the strategy: :func:`full_state` gathers the
+weights and optimizer state with ``torch.distributed.checkpoint.state_dict`` (keyed by parameter
+name), and loading scatters them onto however many processes the resumed run has, so a run saved
+with N processes resumes with M.
 """
 from __future__ import annotations
 
 import os
-import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -77,42 +87,99 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(local_rank: int, nproc: int, port: int, fn: Callable, args: tuple) -> None:
-    """Entry point of one spawned process: set torchrun's variables, join, run ``fn``."""
-    os.environ.update(
-        RANK=str(local_rank),
-        WORLD_SIZE=str(nproc),
-        LOCAL_RANK=str(local_rank),
-        LOCAL_WORLD_SIZE=str(nproc),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+def _in_group(fn: Callable, *args: Any) -> Any:
+    """Entry point of one launched process: join the group the launcher described, run ``fn``."""
     setup_distributed()
     try:
-        fn(*args)
+        return fn(*args)
     finally:
         cleanup_distributed()
 
 
-def launch(nproc: int, fn: Callable, *args: Any) -> None:
-    """Run ``fn(*args)`` in ``nproc`` local processes forming one process group.
+def launch(nproc: int, fn: Callable, *args: Any) -> Any:
+    """Run ``fn(*args)`` in ``nproc`` local processes forming one process group; return rank 0's result.
 
-    ``fn`` and ``args`` must be picklable (a module-level function). With ``nproc == 1`` ``fn`` runs
-    in this process, without a process group. Raises if any process fails.
+    Uses torch's elastic launcher (the API behind ``torchrun --standalone``): the rendezvous store binds
+    a port the OS chooses, so there is no port search that could race. ``fn`` and ``args`` must be
+    picklable (a module-level function). With ``nproc == 1`` ``fn`` runs in this process, without a
+    process group. Raises if any process fails (torch's ``ChildFailedError`` names the rank and error).
     """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     if nproc == 1:
-        fn(*args)
-        return
-    mp.spawn(_worker, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True)
+        return fn(*args)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"avdsl-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        start_method="spawn",
+    )
+    results = elastic_launch(config, _in_group)(fn, *args)
+    return results[0]
+
+
+def wrap(model: torch.nn.Module, strategy: str, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: ``model`` itself for one process, a DDP wrapper for
+    ``ddp``, and for ``fsdp`` ``model`` sharded in place (each transformer layer, then the whole).
+    Call before creating the optimizer: with ``fsdp`` the parameters become sharded DTensors."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not info.distributed:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..encoder import Block
+
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``model`` (or a part of it) was sharded with ``fully_shard`` (``fsdp``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(weights, optimizer state) un-sharded and on the CPU, keyed by parameter name, on rank 0 (other
+    ranks get empty dicts). A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Scatter un-sharded weights onto this process's part of ``model`` (every process passes all)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer state keyed by parameter name (from :func:`full_state`) into ``optimizer``,
+    sharding it as the parameters are sharded. Not strict: a parameter that never had a gradient
+    (unused by the losses) has no state to load; the weights themselves are checked strictly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """The float of ``clip_grad_norm_``'s result (a replicated DTensor when parameters are sharded)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The training loop: AdamW + warmup/cosine, clipping, bf16, checkpoints, evaluation, DDP.
+"""The training loop: AdamW + warmup/cosine, clipping, bf16, checkpoints, evaluation, DDP or FSDP.
 
 ``train`` takes a contract-following model (see ``avdsl.runtime.contracts``) and two data sets of
 per-item dicts (items may be None: an unreadable file, counted as skipped). It is resumable to the
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,9 +35,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from .. import compile_cache, devices
+from avdsl.limits import STOP_GRACE_S
+
+from .. import compile_cache, devices, regional
 from . import distributed
 from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
@@ -108,16 +111,37 @@ def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
 
-    def __init__(self):
+    A step that does not end within ``grace`` seconds of the signal (a data loader blocked on a file
+    that never delivers, a hung collective) does not keep the process alive: a watchdog ends it with
+    exit code 128 + the signal number, saying so. `acknowledge` (the loop saw the flag) disarms it."""
+
+    def __init__(self, grace: float = STOP_GRACE_S):
         self.requested = False
         self.previous = {}
+        self.grace = grace
+        self.watchdog: threading.Timer | None = None
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.requested:
+            raise KeyboardInterrupt  # a second signal: abort now
         self.requested = True
+        self.watchdog = threading.Timer(self.grace, self._give_up, args=(signum,))
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    @staticmethod
+    def _give_up(signum: int) -> None:
+        sys.stderr.write(f"error: the current step did not finish within the grace period after signal {signum}; "
+                         "stopping without a checkpoint (resume starts from the last one)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def acknowledge(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -126,6 +150,7 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
+        self.acknowledge()
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         return False
@@ -184,7 +209,13 @@ def train(
     seed_everything(config.seed)
     model.to(device)
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    runner = distributed.wrap(model, config.strategy, info, device)  # before the optimizer: fsdp shards
+    sharded = distributed.is_sharded(model)
+    evaluates = main or sharded  # a sharded model's forward needs every process
+    # fused: one pass over each parameter instead of a dozen (on a CPU several times faster); the
+    # sharded DTensor parameters of fsdp take the default implementation
+    fused = not sharded and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=fused)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
 
     start_step, counters, baseline, rng = 0, {"skipped_files": 0, "skipped_steps": 0}, {}, None
@@ -192,6 +223,8 @@ def train(
     if latest is not None:
         loaded = load_checkpoint(latest, model, optimizer, scheduler, spec_hash=spec_hash)
         start_step, baseline, rng = loaded.step, dict(loaded.baseline), loaded.rng
+        for group in optimizer.param_groups:  # the stored groups carry the saving run's choice
+            group["fused"] = fused
         counters.update({k: int(v) for k, v in loaded.counters.items()})
         if main:
             console.print(f"resuming from {latest} (step {start_step})")
@@ -206,21 +239,19 @@ def train(
     def run_eval() -> dict:
         return evaluate(model, val_set, config.eval_batches, config.batch_size, collate_fn, config.precision)
 
-    if not baseline and main:
+    if not baseline and evaluates:
         baseline = run_eval()
     distributed.barrier(info)
     if rng is not None:
         restore_rng_state(rng)
 
-    runner = model
-    if info.distributed:
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     cache_key = None
     if config.compile:
         # a rebuild of an unchanged spec loads what an earlier run compiled instead of compiling again
         cache_key = compile_cache.CacheKey(spec_hash, config.precision, config.batch_size, "train")
         compile_cache.load(cache_key)
-        runner = torch.compile(runner)
+        if not regional.compile_layers(model):  # each distinct encoder layer compiled once, reused
+            runner = torch.compile(runner)  # a model without encoder layers: the whole of it
 
     log = MetricsLog(run_dir, start_step, resumed=latest is not None, enabled=main)
     if main and latest is None:
@@ -234,11 +265,23 @@ def train(
 
     def checkpoint(at_step: int, metrics: dict | None = None) -> Path | None:
         path = None
+        # a sharded parameter (FSDP's DTensor) is checked in this process's shard
+        broken = [name for name, p in model.named_parameters()
+                  if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+        if broken:  # never let NaN weights replace the last good checkpoint
+            good = find_latest(run_dir) if main else None
+            raise NonFiniteLoss(
+                f"after step {at_step} the parameters are not finite ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}); no checkpoint was written, "
+                + (f"the last good checkpoint is {good}." if good else "and none was written before."),
+                step=at_step, terms=broken[:3])
+        # a sharded model is gathered by every process (keyed by name: resumable with any count)
+        weights, optimizer_state = distributed.full_state(model, optimizer) if sharded else (None, None)
         if main:
             path = save_checkpoint(
                 run_dir, at_step, model, optimizer, scheduler, config.to_dict(), spec_text,
                 spec_hash, metrics=metrics, counters=counters, baseline=baseline,
-                keep=config.keep_checkpoints,
+                keep=config.keep_checkpoints, model_state=weights, optimizer_state=optimizer_state,
             )
         distributed.barrier(info)
         return path
@@ -271,7 +314,7 @@ def train(
                     runner_loss = result["loss"]
                     runner_loss.backward()
                     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                    grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                     if not math.isfinite(grad_norm):
                         bad = ["gradient norm"]
                         flags.nonfinite = 1.0
@@ -320,17 +363,18 @@ def train(
                     log.write("train", step, record)
                     window_sums, window_steps, window_started = {}, 0, time.perf_counter()
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                    if main:
+                    if evaluates:
                         metrics = run_eval()
                         log.write("eval", step, metrics)
                     distributed.barrier(info)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     last_path, last_saved = checkpoint(step, metrics), step
                 if flags.stop:
+                    stop.acknowledge()
                     interrupted = True
                     break
             loop_seconds = time.perf_counter() - loop_started
-            if not interrupted and main:
+            if not interrupted and evaluates:
                 metrics = run_eval()
                 log.write("eval", step, metrics)
             distributed.barrier(info)
