@@ -30,7 +30,7 @@ MODULE_ATTRS = frozenset((
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "code", "compile", "cpu",
     "cuda", "double", "dump_patches", "eval", "eval_plan", "extra_repr", "float", "forward", "get_buffer",
     "get_extra_state", "get_parameter", "get_submodule", "half", "inputs", "ipu", "load_state_dict", "modules", "mtia",
-    "named_buffers", "named_children", "named_modules", "named_parameters", "no_weight_decay", "arg_names", "parameters",
+    "named_buffers", "named_children", "named_modules", "named_parameters", "no_weight_decay", "arg_names", "token_drops", "parameters",
     "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
     "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
     "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook",

@@ -150,6 +150,11 @@ class CompiledModel(nn.Module):
         self.no_weight_decay = tuple(emitted.attrs[n.id] for n in graph.nodes() if n.kind in NO_DECAY_KINDS
                                      and emitted.attrs[n.id] in modules)
         self.arg_names = {name: param for name, param in emitted.params.items() if name != param}  # renamed inputs
+        # stream -> its random masking (or else token dropping) module, for `embeddings.given_noise`
+        drops = sorted((n for n in graph.nodes() if n.kind == "drop"), key=lambda n: not ops.OPS[n.op].writes_mask)
+        self.token_drops = {}
+        for n in drops:
+            self.token_drops.setdefault(n.stream, emitted.attrs[n.id])
         self.inputs = input_specs(graph)
         self.eval_plan = eval_plan(graph)
         self.spec_text = graph.spec.source.resolved_text()

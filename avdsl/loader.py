@@ -258,8 +258,22 @@ def _first_bracket_too_deep(text: str, file: str) -> None:
                             "flatten the structure; avdsl specs need only a few levels")
 
 
+# Numbers in exponent form that YAML 1.1 (PyYAML) reads as strings but YAML 1.2 as floats: 1e-5, 2E3, 1.5e6
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def plain_number(text: str) -> float | None:
+    """``1e-5`` and the like as a float (YAML 1.2 reads them so; YAML 1.1 as strings); else None."""
+    if _EXPONENT_NUMBER.fullmatch(text.strip()):
+        value = float(text)
+        if math.isfinite(value):
+            return value
+    return None
+
+
 def _scalar(node, file: str):
-    """Resolve a scalar with the safe loader's rules; refuse tags that would construct objects."""
+    """Resolve a scalar with the safe loader's rules (plus YAML 1.2's ``1e-5`` as a number); refuse
+    tags that would construct objects."""
     tag = node.tag or ""
     kind = tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else None
     if kind in ("int", "float", "bool", "null"):
@@ -271,6 +285,8 @@ def _scalar(node, file: str):
             raise SpecError(_loc(node.start_mark, file), f"{node.value} is not a finite number",
                             "write an ordinary number; infinities and NaN are not allowed in a spec")
         return value
+    if kind == "str" and not node.style and plain_number(node.value) is not None:  # plain, not quoted
+        return plain_number(node.value)
     if kind in ("str", "timestamp", "binary", "merge", "value"):
         return str(node.value)  # timestamps and binary kept as their text
     raise SpecError(_loc(node.start_mark, file), f"the YAML tag '{_shown_tag(tag)}' is not allowed in a spec",
@@ -624,7 +640,8 @@ def _clipped(text: str, width: int = 80) -> str:
 
 
 def apply_override(doc: Doc, item: str, line: int = 1) -> None:
-    """Apply one ``--set key.path=value``; the value is read as a YAML scalar or flow collection.
+    """Apply one ``--set key.path=value``; the value is read as a YAML scalar or flow collection
+    (``1e-5`` is a number, as in YAML 1.2). ``key.path=null`` removes the key (or the list item).
     ``line``: which override this is (its line in the ``<--set>`` source)."""
     where = Loc("<--set>", line, 1)
     if len(item) > limits.MAX_SET_CHARS:
@@ -661,9 +678,29 @@ def apply_override(doc: Doc, item: str, line: int = 1) -> None:
             raise SpecError(above, f"`--set {_clipped(key)}`: '{'.'.join(map(str, path))}' is a value, not a mapping",
                             "set the value itself")
         path = path + (part,)
-        if last:
+        if last and value is None:
+            _remove(doc, node, part, path, key)
+        elif last:
             node[part] = value
             doc.locs = {p: l for p, l in doc.locs.items() if p[: len(path)] != path}
             doc.locs[path] = Loc("<--set>", line, len(key) + 2)
         else:
             node = node[part]
+
+
+def _remove(doc: Doc, node, part, path: tuple, key: str) -> None:
+    """``--set key.path=null``: delete the key (or list item) and the locations of what it held."""
+    if isinstance(node, dict) and part not in node:
+        raise SpecError(Loc("<--set>", 1, 1), f"`--set {_clipped(key)}=null`: '{_clipped(str(part))}' is not in the spec at "
+                        f"'{'.'.join(map(str, path[:-1])) or 'top level'}', so there is nothing to remove",
+                        did_you_mean(str(part), node.keys(), "a key"))
+    del node[part]
+    parent, n = path[:-1], len(path) - 1
+
+    def gone(p: tuple) -> bool:  # the removed node, and in a list the items after it (their indices moved)
+        if len(p) <= n or p[:n] != parent:
+            return False
+        return p[n] >= part if isinstance(node, list) else p[n] == part
+
+    for table in ("locs", "key_locs"):
+        setattr(doc, table, {p: l for p, l in getattr(doc, table).items() if not gone(p)})

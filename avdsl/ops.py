@@ -542,9 +542,11 @@ _add(OpDef("factorized", "position", "Learned factorised positions: one table pe
            (T("norm", "bool", False),), shape=_factorized_check,
            cost=lambda b: OpCost(sum(size_of(g) for g in b.grid) * b.width + _norm_extra(b)),
            module=lambda b: Runtime("embeddings.FactorizedPosition", (b.grid, b.width, b["norm"]))))
-_add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter.", (),
+_add(OpDef("sincos2d", "position", "Fixed 2-D sine-cosine positions over the token grid (MAE); stored as a frozen parameter. "
+           "The first half of the channels encodes the grid column, as MAE's table; `first=rows` encodes the row first.",
+           (T("first", "name", "columns"),), choices={"first": ("columns", "rows")},
            shape=_sincos_check, cost=lambda b: OpCost(size_of(b["x"][1]) * b.width, size_of(b["x"][1]) * b.width),
-           module=lambda b: Runtime("embeddings.SinCos2dPosition", (b.grid, b.width))))
+           module=lambda b: Runtime("embeddings.SinCos2dPosition", (b.grid, b.width, b["first"]))))
 _add(OpDef("none", "position", "No positional encoding.", (), adds_nothing=True))
 # token dropping: the bound token shape is ``x``
 _add(OpDef("droptoken", "drop", "In training only, keep a random `1 - rate` fraction of the tokens (VATT's DropToken).",
@@ -602,8 +604,10 @@ _add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, aga
 _add(OpDef("ce", "loss", "Softmax cross-entropy against class indices.", (T("logits", "tensor"), T("target", "tensor"),
                                                                           T("label_smoothing", "float", 0.0)), _ce_shape,
            function="losses.ce", evaluates="classifier"))
-_add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label).", (T("logits", "tensor"), T("target", "tensor")),
-           _bce_shape, function="losses.bce", evaluates="multilabel"))
+_add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label); `reduction=sum_classes` sums over classes "
+           "and averages over the batch (scenic, MBT) instead of averaging over both.",
+           (T("logits", "tensor"), T("target", "tensor"), T("reduction", "name", "mean")),
+           _bce_shape, choices={"reduction": ("mean", "sum_classes")}, function="losses.bce", evaluates="multilabel"))
 _add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding.",
            (T("logits", "tensor"), T("tokens", "tensor")), _next_token_shape, function="losses.next_token", evaluates="caption"))
 

@@ -4,6 +4,8 @@ raw input), so a compiled model is a readable chain of calls.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -102,9 +104,13 @@ class FactorizedPosition(nn.Module):
         return self.norm(x + self.table().unsqueeze(0))
 
 
-def sincos_2d(grid_h: int, grid_w: int, width: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions [H*W, D]: half the channels encode the row, half the column,
-    each as sin and cos of the position at geometrically spaced frequencies (MAE, CAV-MAE)."""
+def sincos_2d(grid_h: int, grid_w: int, width: int, first: str = "columns") -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions [H*W, D] for a row-major grid of H rows and W columns.
+
+    Half the channels encode the column, half the row, each as sin then cos of the position at
+    geometrically spaced frequencies 1 / 10000^(i / (D/4)). With ``first="columns"`` the column comes
+    first, the layout of MAE's ``get_2d_sincos_pos_embed`` (and so of CAV-MAE); ``first="rows"`` puts
+    the row first. The table is computed in float64 and rounded to float32, as MAE's is."""
     quarter = width // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
 
@@ -113,15 +119,16 @@ def sincos_2d(grid_h: int, grid_w: int, width: int) -> torch.Tensor:
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+    halves = [encode(cols), encode(rows)] if first == "columns" else [encode(rows), encode(cols)]
+    return torch.cat(halves, dim=1).float()
 
 
 class SinCos2dPosition(nn.Module):
     """Fixed 2-D sin-cos positions, kept as a frozen parameter (so checkpoints and counts include it)."""
 
-    def __init__(self, grid: tuple[int, int], width: int):
+    def __init__(self, grid: tuple[int, int], width: int, first: str = "columns"):
         super().__init__()
-        self.pos = nn.Parameter(sincos_2d(grid[0], grid[1], width).unsqueeze(0), requires_grad=False)
+        self.pos = nn.Parameter(sincos_2d(grid[0], grid[1], width, first).unsqueeze(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.pos
@@ -157,12 +164,20 @@ class LatentTokens(nn.Module):
         return torch.cat([self.forward(x), x], dim=1)
 
 
-def keep_random(x: torch.Tensor, keep: int, generator: torch.Generator | None = None):
+def keep_random(x: torch.Tensor, keep: int, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None):
     """Keep ``keep`` random tokens per sample, in random order (MAE). Returns the kept tokens, the
-    mask [B, N] (1 = dropped) and ``ids_restore`` [B, N] that puts tokens back in place."""
+    mask [B, N] (1 = dropped) and ``ids_restore`` [B, N] that puts tokens back in place.
+
+    The tokens with the ``keep`` smallest values of ``noise`` [B, N] are kept, smallest first; without
+    ``noise`` it is drawn uniform in [0, 1) (from ``generator`` if given). Given noise makes the mask
+    reproducible, e.g. the one a reference implementation drew."""
     b, n, d = x.shape
-    noise = torch.rand(b, n, device=x.device, generator=generator)
-    ids_shuffle = torch.argsort(noise, dim=1)
+    if noise is None:
+        noise = torch.rand(b, n, device=x.device, generator=generator)
+    elif tuple(noise.shape) != (b, n):
+        raise ValueError(f"mask noise must have shape [batch, tokens] = [{b}, {n}], got {list(noise.shape)}")
+    ids_shuffle = torch.argsort(noise.to(x.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
     kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
@@ -173,17 +188,18 @@ def keep_random(x: torch.Tensor, keep: int, generator: torch.Generator | None = 
 
 
 class DropToken(nn.Module):
-    """In training, keep a random ``1 - rate`` fraction of tokens (VATT's DropToken); identity in eval."""
+    """In training, keep a random ``1 - rate`` fraction of tokens (VATT's DropToken); identity in eval.
+    ``noise`` [B, N] chooses the kept tokens instead of random draws (see `keep_random`)."""
 
     def __init__(self, rate: float, tokens: int):
         super().__init__()
         self.rate = rate
         self.keep = int(tokens * (1 - rate))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training:
             return x
-        return keep_random(x, self.keep)[0]
+        return keep_random(x, self.keep, noise=noise)[0]
 
 
 class DropModality(nn.Module):
@@ -204,15 +220,44 @@ class DropModality(nn.Module):
 
 class RandomMask(nn.Module):
     """MAE masking: keep a random ``1 - rate`` fraction of tokens, in training and evaluation alike
-    (a masked autoencoder always reconstructs); returns (kept, mask, ids_restore)."""
+    (a masked autoencoder always reconstructs); returns (kept, mask, ids_restore). ``noise`` [B, N]
+    chooses the kept tokens instead of random draws (see `keep_random` and `given_noise`)."""
 
     def __init__(self, rate: float, tokens: int):
         super().__init__()
         self.rate = rate
         self.keep = int(tokens * (1 - rate))
 
-    def forward(self, x: torch.Tensor):
-        return keep_random(x, self.keep)
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        return keep_random(x, self.keep, noise=noise)
+
+
+@contextmanager
+def given_noise(model: nn.Module, noise: dict[str, torch.Tensor]):
+    """Within the block, the random masking (``mask:``) or token dropping (``drop:``) of each named
+    stream of a compiled model keeps the tokens chosen by the given noise [B, N] (the smallest
+    values are kept, as MAE's ``argsort(noise)``) instead of drawing them::
+
+        with given_noise(model, {"audio": noise_a, "video": noise_v}):
+            out = model(**batch)
+
+    The noise reaches each stream's module (``model.token_drops`` names them) through a forward
+    pre-hook that is removed on leaving the block."""
+    modules = {stream: getattr(model, attr) for stream, attr in model.token_drops.items()}
+    unknown = sorted(set(noise) - set(modules))
+    if unknown:
+        have = f"this model has {', '.join(sorted(modules))}" if modules else "this model masks or drops no tokens"
+        raise ValueError(f"no masked or token-dropping stream named {', '.join(unknown)}; {have}")
+    handles = []
+    try:
+        for stream, values in noise.items():
+            def hook(_module, args, kwargs, values=values):
+                return args, {**kwargs, "noise": values}
+            handles.append(modules[stream].register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Restore(nn.Module):

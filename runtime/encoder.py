@@ -76,6 +76,8 @@ class Block(nn.Module):
             h = F.gelu(a) * b
         elif self.activation == "relu":
             h = F.relu(h)
+        elif self.activation == "gelu_tanh":  # the tanh approximation (flax's nn.gelu default)
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.gelu(h)
         return self.drop(self.fc2(h))

@@ -3,8 +3,8 @@
 Generated model code calls these by the names the operator catalogue (`avdsl.ops`) gives. Every loss:
 
 * returns the mean over the batch, so values are comparable across batch sizes;
-* computes in float32, with autocast switched off inside, so that a bf16 forward pass does not
-  lose precision in logits, exponentials and logs (the result is a float32 scalar);
+* computes in float32 (float64 when an input is float64), with autocast switched off inside, so
+  that a bf16 forward pass does not lose precision in logits, exponentials and logs;
 * has no ``.item()`` and no Python branch on tensor values, so it traces under
   ``torch.compile(fullgraph=True)``.
 
@@ -23,6 +23,12 @@ def _no_autocast(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+def _wide(*xs: Tensor) -> list[Tensor]:
+    """The tensors in float64 if any is float64, else in float32 (half precision is widened)."""
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    return [x.to(dtype) for x in xs]
+
+
 def nce(a: Tensor, b: Tensor, tau: float | Tensor = 0.07, both: bool = True) -> Tensor:
     """Softmax InfoNCE between row-aligned embeddings: row i of ``a`` should pick row i of ``b``.
 
@@ -36,8 +42,9 @@ def nce(a: Tensor, b: Tensor, tau: float | Tensor = 0.07, both: bool = True) -> 
     a, b: [N, D]. ``tau`` may be a float or a (learnable) scalar tensor.
     """
     with _no_autocast(a):
-        a = F.normalize(a.float(), dim=-1)
-        b = F.normalize(b.float(), dim=-1)
+        a, b = _wide(a, b)
+        a = F.normalize(a, dim=-1)
+        b = F.normalize(b, dim=-1)
         logits = a @ b.T / tau
         target = torch.arange(logits.shape[0], device=logits.device)
         loss = F.cross_entropy(logits, target)
@@ -74,8 +81,7 @@ def mil_nce(
     video -> text negatives listed above.
     """
     with _no_autocast(video):
-        video = video.float()
-        text = text.float()
+        video, text = _wide(video, text)
         if text.dim() == 2:
             text = text.unsqueeze(1)
         if normalize:
@@ -117,8 +123,9 @@ def focal_contrastive(
     ``bias`` may be a learnable scalar tensor.
     """
     with _no_autocast(a):
-        a = F.normalize(a.float(), dim=-1)
-        b = F.normalize(b.float(), dim=-1)
+        a, b = _wide(a, b)
+        a = F.normalize(a, dim=-1)
+        b = F.normalize(b, dim=-1)
         logits = a @ b.T / tau + bias
         target = torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device)
         bce_ij = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -149,9 +156,8 @@ def masked_mse(
     code (``Tensor.var`` default), with eps = 1e-6. An all-kept mask gives 0, not NaN.
     """
     with _no_autocast(pred):
-        pred = pred.float()
-        target = target.float()
-        mask = mask.float()
+        pred, target = _wide(pred, target)
+        mask = mask.to(pred.dtype)
         if norm_pix:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -223,17 +229,22 @@ def unpatchify(rows: Tensor, patch: int | tuple[int, ...], shape: tuple[int, ...
 def ce(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy: logits [N, C], target long [N] of class indices, mean over N."""
     with _no_autocast(logits):
-        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+        return F.cross_entropy(*_wide(logits), target, label_smoothing=label_smoothing)
 
 
-def bce(logits: Tensor, target: Tensor) -> Tensor:
+def bce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Sigmoid cross-entropy for multi-label targets: logits, target 0/1 float [N, C].
 
-    Mean over all N * C elements (one binary task per class), the choice of MBT (Nagrani et al.
-    2021) for AudioSet; a sum over classes would be C times larger.
-    """
+    One binary task per class. ``reduction="mean"``: the mean over all N * C elements (PyTorch's
+    default); ``reduction="sum_classes"``: the sum over classes, then the mean over the batch, C times
+    larger: the multi-label loss of scenic, MBT's reference code (sigmoid cross-entropy summed over
+    classes, divided by the number of examples)."""
     with _no_autocast(logits):
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        logits, target = _wide(logits, target)
+        per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if reduction == "sum_classes":
+            return per_element.sum(dim=-1).mean()
+        return per_element.mean()
 
 
 def next_token(logits: Tensor, tokens: Tensor, pad: int = 0) -> Tensor:
@@ -245,7 +256,7 @@ def next_token(logits: Tensor, tokens: Tensor, pad: int = 0) -> Tensor:
     tokens gives 0, not NaN.
     """
     with _no_autocast(logits):
-        pred = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        pred = _wide(logits[:, :-1])[0].reshape(-1, logits.shape[-1])
         target = tokens[:, 1:].reshape(-1)
         summed = F.cross_entropy(pred, target, ignore_index=pad, reduction="sum")
         count = (target != pad).sum().clamp_min(1)

@@ -4,8 +4,10 @@ the tiny variant's training step."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -199,3 +201,62 @@ def test_share_must_name_another_from_stream():
         analyse("cav-mae", ["streams.decoder_audio.share=decoder_video"])
     with pytest.raises(SpecError, match="both or neither need `restore:`"):
         analyse("cav-mae", ["streams.a.share=decoder_audio"])
+
+
+def test_sincos_table_puts_the_column_first_as_mae():
+    # grid 2 rows x 3 columns, width 8: each half is [sin(p w0), sin(p w1), cos(p w0), cos(p w1)]
+    # with frequencies w = 1 / 10000^(i / 2), i = 0, 1 -> 1 and 0.01
+    def half(p):
+        return [math.sin(p), math.sin(p / 100), math.cos(p), math.cos(p / 100)]
+
+    table = E.sincos_2d(2, 3, 8)
+    expected = torch.tensor([half(c) + half(r) for r in range(2) for c in range(3)], dtype=torch.float32)
+    assert torch.equal(table, expected)  # token r * 3 + c: column c first, then row r
+    rows_first = torch.tensor([half(r) + half(c) for r in range(2) for c in range(3)], dtype=torch.float32)
+    assert torch.equal(E.sincos_2d(2, 3, 8, first="rows"), rows_first)
+
+
+def test_spec_tables_encode_time_first_for_audio_and_the_column_first_for_video():
+    model = compile_graph(analyse("tiny/cav-mae").graph, device="cpu")
+    # tiny audio grid: 8 time rows x 4 mel columns; tiny video 4 x 4; the reference's audio table puts time first
+    assert torch.equal(model.audio_position.pos[0], E.sincos_2d(8, 4, 64, first="rows"))
+    assert torch.equal(model.decoder_audio_position.pos[0], E.sincos_2d(8, 4, 32, first="rows"))
+    assert torch.equal(model.video_position.pos[0], E.sincos_2d(4, 4, 64, first="columns"))
+    assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def test_masking_with_given_noise_is_deterministic_and_keeps_the_smallest():
+    x = torch.randn(2, 10, 3)
+    noise = torch.rand(2, 10)
+    first = E.RandomMask(0.6, 10)(x, noise=noise)
+    again = E.RandomMask(0.6, 10)(x, noise=noise)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    kept, mask, _ = first
+    order = noise.argsort(dim=1)[:, :4]  # the 4 smallest, smallest first
+    assert torch.equal(kept, torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, 3)))
+    assert torch.equal(mask == 0, torch.zeros_like(mask, dtype=torch.bool).scatter(1, order, True))
+
+
+def test_given_noise_reaches_the_model_and_only_inside_the_block():
+    model = compile_graph(analyse("tiny/cav-mae").graph).eval()
+    batch = random_batch(model.inputs, 2, torch.Generator().manual_seed(0))
+    noise = {"audio": torch.rand(2, 32), "video": torch.rand(2, 16)}
+    with torch.no_grad():
+        with E.given_noise(model, noise):
+            a = model(**batch)
+        with E.given_noise(model, noise):
+            b = model(**batch)
+        c = model(**batch)  # drawn again: another mask
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["outputs"]["audio_pred"], b["outputs"]["audio_pred"])
+    assert not torch.equal(a["outputs"]["audio_pred"], c["outputs"]["audio_pred"])
+    with pytest.raises(ValueError, match="no masked or token-dropping stream named audi"):
+        with E.given_noise(model, {"audi": noise["audio"]}):
+            pass
+
+
+def test_float64_runs_in_float64_losses_included():
+    model = compile_graph(analyse("tiny/cav-mae").graph).double()
+    batch = {k: v.double() for k, v in random_batch(model.inputs, 2, torch.Generator().manual_seed(0)).items()}
+    out = model(**batch)
+    assert out["loss"].dtype == torch.float64
+    assert all(v.dtype == torch.float64 for v in out["losses"].values())

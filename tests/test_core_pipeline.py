@@ -10,7 +10,8 @@ from avdsl import routing
 from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.ir import EncoderNode
-from avdsl.loader import load_file
+from avdsl.diagnostics import SpecError
+from avdsl.loader import load_file, load_text
 from avdsl.runtime import losses as L
 from avdsl.runtime.trial import random_batch
 
@@ -60,6 +61,19 @@ def test_loader_keeps_positions_through_extends_and_set():
     assert doc.loc("encoders", "backbone", "heads").file == "<--set>"
     # the tiny spec's inputs replace the paper's inputs of the same name
     assert sorted(doc.data["inputs"]) == ["fbank[B, 128, 64]", "frames[B, 3, 4, 32, 32]", "label[B]"]
+
+
+def test_set_reads_exponent_numbers_and_null_removes_a_key():
+    doc = load_file("tiny/cav-mae", ["encoders.joint.norm_eps=2e-5", "streams.video.type_embedding=null",
+                                      "encoders.decoder.routing.0=null"])
+    assert doc.data["encoders"]["joint"]["norm_eps"] == 2e-5  # YAML 1.1 alone would read the string "2e-5"
+    assert "type_embedding" not in doc.data["streams"]["video"]
+    assert doc.data["encoders"]["decoder"]["routing"] == []
+    assert load_file("tiny/cav-mae", ["doc='1e-5'"]).data["doc"] == "1e-5"  # quoted stays text
+    assert load_text("avdsl: 1\nname: x\nvars: {a: 1e-5, b: '1e3', c: 1.5E+3}\n").data["vars"] == {"a": 1e-5, "b": "1e3", "c": 1500.0}
+    with pytest.raises(SpecError, match="nothing to remove") as err:
+        load_file("tiny/cav-mae", ["streams.video.type_embeding=null"])
+    assert "type_embedding" in err.value.diagnostic.hint
 
 
 # --- one clear message with file:line:column and exit code 2 ------------------------------------------

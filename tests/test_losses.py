@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from avdsl import ops
 from avdsl.compiler import resolve
@@ -154,6 +155,21 @@ def test_bce_is_a_mean_over_all_elements():
         -math.log(sigmoid(3.0)),
     ]
     assert bce(logits, target).item() == pytest.approx(sum(terms) / 4, rel=1e-6)
+
+
+def test_bce_sum_classes_sums_over_classes_and_averages_over_the_batch():
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 3.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    rows = [-math.log(sigmoid(0.0)) - math.log(1 - sigmoid(2.0)), -math.log(1 - sigmoid(-1.0)) - math.log(sigmoid(3.0))]
+    assert bce(logits, target, reduction="sum_classes").item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+
+
+def test_losses_keep_float64():
+    a, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    for value in (nce(a, b), bce(a, (b > 0).double()), masked_mse(a.view(2, 2, 8), b.view(2, 2, 8), torch.ones(2, 2))):
+        assert value.dtype == torch.float64
+    exact = F.binary_cross_entropy_with_logits(a, (b > 0).double())
+    assert bce(a, (b > 0).double()).item() == exact.item()  # not rounded through float32
 
 
 def test_next_token_shifts_and_ignores_padding():

@@ -87,7 +87,7 @@ def _block(blk, x: torch.Tensor) -> torch.Tensor:
     heads = lambda t: t.view(b, n, blk.heads, d // blk.heads).transpose(1, 2)  # noqa: E731
     att = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / (d // blk.heads) ** 0.5, dim=-1) @ heads(v)
     x = x + blk.proj(att.transpose(1, 2).reshape(b, n, d))
-    return x + blk.fc2(F.gelu(blk.fc1(blk.norm2["all"](x))))
+    return x + blk.fc2(F.gelu(blk.fc1(blk.norm2["all"](x)), approximate="tanh"))  # flax's nn.gelu, as the reference
 
 
 def test_next_bottleneck_is_the_mean_of_both_modality_blocks():

@@ -24,6 +24,7 @@ NOT_OPERATORS = {
     ("none", "runtime/heads.py"): "MLP's norm and activation choice",
     ("relu", "runtime/encoder.py"): "an encoder activation",
     ("none", "runtime/losses.py"): "torch's reduction argument",
+    ("mean", "runtime/losses.py"): "bce's reduction choice",
     ("nce", "runtime/train/toy.py"): "the toy model's own loss name",
 }
 
