@@ -25,7 +25,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
 from .compile import compile_model
-from .step import make_step
+from .step import make_step, time_steps
 from .timing import machine_peaks
 
 SPEC = "cav-mae"
@@ -120,17 +119,8 @@ def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: s
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same for both sides
     runner = compile_model(model, "regional") if mode == "compiled" else model
     step = make_step(runner, optimizer, data, precision, device.type)
-    start = time.perf_counter()
-    loss = float(step().detach())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"step_s": min(times), "first_step_s": first, "loss": loss, "peak_memory_gb": _peak_memory_bytes(device) / 1e9}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return {**time_steps(step, reps, sync), "peak_memory_gb": _peak_memory_bytes(device) / 1e9}
 
 
 def _subprocess(config: tuple, batch: int, reps: int, checkout: str, timm_dir: str | None, device: str) -> dict:

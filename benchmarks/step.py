@@ -44,6 +44,11 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int, scope
     torch.compiler.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
     runner = compile_model(model, scope) if mode == "compiled" else model
     step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
+    return time_steps(step, reps)
+
+
+def time_steps(step, reps: int, sync=lambda: None) -> dict:
+    """The first step (compiles when the model is compiled) and the best of ``reps`` more, in seconds."""
     start = time.perf_counter()
     loss = float(step().detach())
     first = time.perf_counter() - start
@@ -51,6 +56,7 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int, scope
     for _ in range(reps):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     return {"step_s": min(times), "first_step_s": first, "loss": loss}
 
