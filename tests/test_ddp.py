@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,9 @@ def ddp_worker(run_dir: str, out_dir: str) -> None:
 def test_two_processes_end_with_equal_trained_weights(tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
+    handler = signal.getsignal(signal.SIGTERM)
     launch(2, ddp_worker, str(run_dir), str(out_dir))
+    assert signal.getsignal(signal.SIGTERM) is handler  # the launcher's handlers do not outlive it
 
     rank0 = torch.load(out_dir / "rank0.pt", weights_only=True)
     rank1 = torch.load(out_dir / "rank1.pt", weights_only=True)

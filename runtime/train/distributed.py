@@ -24,6 +24,7 @@ with N processes resumes with M.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -115,7 +116,15 @@ def launch(nproc: int, fn: Callable, *args: Any) -> Any:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
         start_method="spawn",
     )
-    results = elastic_launch(config, _in_group)(fn, *args)
+    # the launcher installs its own handlers for termination signals in this process and leaves them:
+    # put back what the caller had
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
+    previous = {s: signal.getsignal(s) for s in signals}
+    try:
+        results = elastic_launch(config, _in_group)(fn, *args)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return results[0]
 
 
