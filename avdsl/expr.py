@@ -14,7 +14,7 @@ from importlib import resources
 import lark
 
 from .diagnostics import Loc, SpecError
-from .limits import MAX_EXPR_CHARS, MAX_NUMBER_DIGITS
+from .limits import MAX_EXPR_CHARS, MAX_EXPR_DEPTH, MAX_NUMBER_DIGITS
 
 
 # ------------------------------------------------------------------------------------------ AST
@@ -294,6 +294,20 @@ _WHAT = {
 }
 
 
+def _nesting_beyond(text: str, limit: int) -> int | None:
+    """The column of the first bracket nested deeper than ``limit``, or None: checked before parsing, so
+    the answer does not depend on how much of Python's stack is in use."""
+    depth = 0
+    for col, char in enumerate(text):
+        if char in "([":
+            depth += 1
+            if depth > limit:
+                return col
+        elif char in ")]":
+            depth -= 1
+    return None
+
+
 def parse(text: str, start: str, loc: Loc):
     """Parse ``text`` with start rule ``decl``, ``rule`` or ``expr``; errors point into the YAML."""
     what, example = _WHAT[start]
@@ -301,6 +315,10 @@ def parse(text: str, start: str, loc: Loc):
         raise SpecError(loc, f"expected {what} written as a string, got {type(text).__name__} `{text}`", example)
     if len(text) > MAX_EXPR_CHARS:
         raise SpecError(loc, f"{what} longer than {MAX_EXPR_CHARS} characters", "split it up; expressions are short")
+    too_deep = _nesting_beyond(text, MAX_EXPR_DEPTH)
+    if too_deep is not None:
+        raise SpecError(loc.shifted(too_deep), f"{what} nests too deeply (more than {MAX_EXPR_DEPTH} brackets)",
+                        "simplify the expression")
     try:
         tree = _parser().parse(text, start=start)
         return _ToAst().transform(tree)

@@ -21,6 +21,7 @@ MAX_YAML_DEPTH = 64  # nesting of mappings, lists and brackets
 MAX_EXTENDS = 16  # specs in one `extends:` chain
 MAX_SET_CHARS = 10_000  # one `--set key=value` item
 MAX_EXPR_CHARS = 2000  # one expression, routing rule or input declaration
+MAX_EXPR_DEPTH = 64  # brackets nested inside one expression (the parser's tree is recursive)
 MAX_NUMBER_DIGITS = 30  # digits of a number written in an expression (Python refuses > 4300 anyway)
 MAX_ARGUMENT = 1e6  # size of a number argument of an operator that has no narrower range of its own
 MAX_LOSS_WEIGHT = 1e6  # size of the weight of a loss term (after multiplying out `a * b * loss(...)`)

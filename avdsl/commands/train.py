@@ -5,6 +5,7 @@ nothing to download) or a manifest of real media files (`--data clips/manifest.j
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -187,6 +188,19 @@ def _terminate_early(signum, frame):
     raise _Terminated()
 
 
+@contextlib.contextmanager
+def _sigterm_before_training():
+    """Until the training loop installs its own handler, SIGTERM ends the command with a message (143)."""
+    previous = signal.signal(signal.SIGTERM, _terminate_early)
+    try:
+        yield
+    except _Terminated:
+        raise CommandError("terminated (SIGTERM) before training started; no checkpoint was written",
+                           "nothing to resume: start the run again", 143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_command(
     spec: str = typer.Argument(..., help=SPEC_HELP, autocompletion=complete_spec),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec value (repeatable)."),
@@ -228,38 +242,38 @@ def train_command(
     Several machines: `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT
     -m avdsl train SPEC ...` on each (each process trains its shard of every batch).
     """
-    previous = signal.signal(signal.SIGTERM, _terminate_early)  # until the loop installs its own handler
-    try:
-        _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
-               checkpoint_every, workers, skip_nonfinite, device, nproc, strategy, train_size, val_size, as_json)
-    except _Terminated:
-        raise CommandError("terminated (SIGTERM) before training started; no checkpoint was written",
-                           "nothing to resume: start the run again", 143) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _sigterm_before_training():
+        summary = _train(spec, set_ or [], data, nproc, as_json, {
+            "steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision.value if precision else None,
+            "compile": compile_, "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+            "workers": workers, "device": device, "strategy": strategy.value if strategy else None,
+            "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None, "run_dir": run_dir},
+            {"train_size": train_size, "val_size": val_size})
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    if summary.get("interrupted"):
+        raise typer.Exit(130)
 
 
-def _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir, resume, seed, eval_every,
-           checkpoint_every, workers, skip_nonfinite, device, nproc, strategy, train_size, val_size, as_json) -> None:
-    doc = load_file(spec, set_ or [])
+def _train(spec: str, overrides: list, data: str, nproc: int, as_json: bool, options: dict, sizes: dict) -> dict:
+    """Check everything that can be checked before work starts, then train (in ``nproc`` processes);
+    return rank 0's summary. ``options`` are the command-line settings (None: the spec's or the default)."""
+    doc = load_file(spec, overrides)
     analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts (and before torch loads)
-    _check_device(device)
+    _check_device(options["device"])
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
 
     spec_train = analysis.spec.train
-    sizes = {k: (train_size if k == "train_size" else val_size) or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
-    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "precision": precision.value if precision else None, "compile": compile_,
-               "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "workers": workers,
-               "device": device, "strategy": strategy.value if strategy else None, "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None,
-               "run_dir": run_dir or _default_run_dir(analysis.spec.name, resume)}
+    sizes = {k: sizes[k] or spec_train.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
+    options = {**options, "run_dir": options["run_dir"] or _default_run_dir(analysis.spec.name, bool(options["resume"]))}
     _config(spec_train, options)  # a bad setting fails here, before any process starts
     _check_run_dir(options["run_dir"])
     (err if as_json else out).print(f"training [bold]{escape(analysis.spec.name)}[/] ({escape(doc.file)}) -> {escape(options['run_dir'])}")
     try:
         # with --nproc N, torch's launcher runs _train_process once per process; rank 0's summary returns
-        summary = launch(nproc, _train_process, spec, set_ or [], options, data, sizes, as_json) or {}
+        summary = launch(nproc, _train_process, spec, overrides, options, data, sizes, as_json) or {}
     except NonFiniteLoss as e:
         raise CommandError(str(e), "lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
                            "the last good checkpoint is kept (resume with --resume)", EXIT_FINDINGS) from None
@@ -275,10 +289,7 @@ def _train(spec, set_, data, steps, batch_size, lr, precision, compile_, run_dir
         raise CommandError(str(e), "pass --resume to continue that run, or another --run-dir") from None
     except ChildFailedError as e:  # --nproc: a process failed; the launcher names the rank and its error
         raise CommandError(str(e), "the failing rank's error is shown above", EXIT_FINDINGS) from None
-    if as_json:
-        print(json.dumps(summary, indent=2, default=str))
-    if summary.get("interrupted"):
-        raise typer.Exit(130)
+    return summary
 
 
 def _load_run(checkpoint: str, set_: list):
