@@ -34,7 +34,6 @@ MAX_LAYER_STREAMS = 16_384  # layers x streams of one encoder (the routing plan 
 MAX_ROUTING_RULES = 1_000  # rules of one pass once every `use` is expanded
 MAX_ROUTING_ENTRIES = 100_000  # (layer, query stream) pairs that the rules of one pass cover, summed over rules
 MAX_RULE_SET_NESTING = 32  # rule sets that `use` each other, one inside the next
-MAX_GRAPH_NODES = 20_000  # nodes of the graph (outputs, losses and calls included)
 
 # ----------------------------------------------------------------------------- training options
 MAX_STEPS = 1_000_000_000

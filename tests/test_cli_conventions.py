@@ -151,3 +151,15 @@ def test_no_private_apis_of_other_packages_in_the_package():
                 if PRIVATE.search(code):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_schema_defaults_of_train_settings_are_the_ones_training_uses():
+    """The editor schema repeats the training defaults; they must not drift from the code's."""
+    from dataclasses import fields
+
+    from avdsl.commands.train import TRAIN_DEFAULTS
+    from avdsl.runtime.train import TrainConfig
+
+    used = {f.name: f.default for f in fields(TrainConfig)} | TRAIN_DEFAULTS
+    for key, node in schema()["$defs"]["train"]["properties"].items():
+        assert node["default"] == used[key], key
