@@ -176,6 +176,9 @@ class _Emitter:
         text = f"{self.tensor(out)} = {self.call_text(node)}"
         if node.id.startswith("loss."):
             self.loss_lines.setdefault(node.id[len("loss."):].split("~")[0], []).append(text)
+        elif node.id.startswith("memory."):
+            encoder, local = node.component[1].split(".memory.")
+            self.emit(f"memory {local} of encoder {encoder}", node.loc, text + self.shape(out))
         else:
             self.emit("outputs", None, text + self.shape(out))
 
