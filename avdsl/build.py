@@ -120,10 +120,12 @@ def build_graph(spec: Spec) -> Graph:
         raise SpecError(loc, f"`from: {ref.name}` names no encoder output", did_you_mean(ref.name, known, "an encoder output")
                         or "write `encoder.stream` (or `encoder.pass.stream` for encoders with passes)")
     for ename, enc in todo_encoders.items():
-        missing = [st for st in enc.streams if st not in stream_tensor] + [r.name for m in enc.memory.values() for r in _refs(m)
-                                                                            if r.name not in encoder_outputs]
-        raise SpecError(enc.loc, f"encoder '{ename}' cannot run: its input '{missing[0]}' is never computed",
-                        did_you_mean(missing[0], list(encoder_outputs), "an encoder output") or
+        missing = [(st, enc.loc) for st in enc.streams if st not in stream_tensor]
+        missing += [(r.name, spec.loc("encoders", ename, "memory", local).shifted(r.col))
+                    for local, m in enc.memory.items() for r in _refs(m) if r.name not in encoder_outputs]
+        name, loc = missing[0]
+        raise SpecError(loc, f"encoder '{ename}' cannot run: its input '{name}' is never computed",
+                        did_you_mean(name, list(encoder_outputs), "an encoder output") or
                         "check for a cycle between encoders and `from:` streams")
 
     for name, s in spec.streams.items():

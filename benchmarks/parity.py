@@ -3,6 +3,7 @@
     python -m benchmarks.parity cav-mae --reference PATH [--timm PATH] [--size paper|small] [--batch 2] [--set K=V]
     python -m benchmarks.parity cav-mae-ft --reference PATH [--timm PATH] ...
     python -m benchmarks.parity mbt-cls --reference PATH [--jax PATH] ...        (see `benchmarks.parity_mbt`)
+    python -m benchmarks.parity mammut --reference PATH [--config B-32|L-14] ...  (see `benchmarks.parity_mammut`)
 
 Imports the reference model from PATH at run time (nothing of it is copied into avdsl), gives it
 random weights (norms and biases included), ports them into the avdsl model built from the spec
@@ -216,7 +217,8 @@ def swap_order(rows: int, cols: int) -> torch.Tensor:
 
 
 def expand(table, reference_keys) -> list[tuple[str, object, str]]:
-    """The table with ``{i}`` replaced by every layer index the reference has. A reference entry is one
+    """The table with ``{i}`` replaced by every layer index the reference has (``{i*N}`` in an avdsl
+    name: N times it, for a reference list that holds every N-th layer). A reference entry is one
     name or a tuple of names that one avdsl tensor is made of (e.g. separate Q, K, V kernels)."""
     out = []
     for ours, theirs, how in table:
@@ -226,7 +228,7 @@ def expand(table, reference_keys) -> list[tuple[str, object, str]]:
             continue
         pattern = re.compile(re.escape(first).replace(re.escape("{i}"), r"(\d+)") + "$")
         for i in sorted({int(m.group(1)) for k in reference_keys if (m := pattern.match(k))}):
-            at = (lambda name, i=i: name.replace("{i}", str(i)))
+            at = (lambda name, i=i: re.sub(r"\{i\*(\d+)\}", lambda m: str(i * int(m.group(1))), name).replace("{i}", str(i)))
             out.append((at(ours), tuple(map(at, theirs)) if isinstance(theirs, tuple) else at(theirs), how))
     return out
 
@@ -489,7 +491,7 @@ CASES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls"]))
+    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls", "mammut"]))
     parser.add_argument("--reference", required=True, help="root of your checkout of the reference repository")
     parser.add_argument("--timm", help="cav-mae: folder holding the timm version the reference needs (pip install --target)")
     parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
@@ -497,11 +499,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="paper: the shipped spec as it is; small: width 64 and 256 frames, quick on a CPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the avdsl spec, as `avdsl build --set` (e.g. to see what a choice costs)")
+    parser.add_argument("--config", choices=["B-32", "L-14"], default="B-32",
+                        help="mammut: the structure of this released open_clip config (B-32: no MLP in the "
+                             "self-attention blocks of cross layers, mean pooling; L-14: an MLP in both, CLS pooling)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= 64:
         parser.error("--batch must be between 1 and 64")
+    if args.model == "mammut":
+        from .parity_mammut import mammut
+
+        return mammut(args)
     if args.model == "mbt-cls":
         from .parity_mbt import mbt_cls
 

@@ -238,7 +238,7 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
     for local in node.memory:
         shape = t[stream_in[local]].shape
         if len(shape) != 3:
-            raise SpecError(enc.locs.get("memory", enc.loc), f"memory '{local}' of encoder '{enc.name}' is {fmt(shape)}, not tokens [B, N, D]",
+            raise SpecError(graph.spec.loc("encoders", enc.name, "memory", local), f"memory '{local}' of encoder '{enc.name}' is {fmt(shape)}, not tokens [B, N, D]",
                             "cross-attention reads tokens: name an encoder output, or project one with `linear(...)` (not a pooled vector)")
     crossing = any(a.cross for plan in node.plans.values() for layer in plan.layers for a in layer.attends)
     for key, default in (("memory_norm", False), ("cross_mlp", "shared")):
