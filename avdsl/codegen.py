@@ -187,12 +187,13 @@ class _Emitter:
         args = [self.tensor(i) for i in node.inputs]
         if op.share and node.args.get(op.share):
             return f"self.{self.attrs['out.' + node.args[op.share]]}({', '.join(args)})"
-        if op.module:
+        if ops.has_module(op, node.args):
             return f"self.{self.attrs[node.id]}({', '.join(args)})"
+        values = {k: v for k, v in node.args.items() if k != op.weights_if}  # the switch is not the function's
         if op.positional:
-            args += [_literal(v) for v in node.args.values()]
+            args += [_literal(v) for v in values.values()]
         else:
-            args += [f"{k}={_literal(v)}" for k, v in node.args.items()]
+            args += [f"{k}={_literal(v)}" for k, v in values.items()]
         module, function = op.function.rsplit(".", 1)
         return f"{RUNTIME_GLOBALS[module]}.{function}({', '.join(args)})"
 

@@ -63,7 +63,7 @@ def _from(node, graph: Graph):
 
 def _call(node, graph: Graph):
     op = ops.OPS[node.op]
-    if op.module is None or (op.share and node.args.get(op.share)):
+    if not ops.has_module(op, node.args):
         return None  # a function, or the module of the output it shares (see `codegen`)
     return _build(op.module(call_bound(node, graph)))
 

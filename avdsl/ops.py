@@ -58,6 +58,7 @@ class OpDef:
     choices: dict = field(default_factory=dict)  # param -> allowed names
     # facts other passes read:
     share: str = ""  # the argument naming another output whose module this call runs (no weights of its own)
+    weights_if: str = ""  # a bool argument that gives a call weights (its `module`); without it the call is `function`
     contrastive: bool = False  # pulls matching rows of two different views together (lint L402; a retrieval task)
     evaluates: str = ""  # what evaluation scores: classifier | multilabel | reconstruction | caption | average
     input_kinds: tuple = ()  # tokenizers: the input kinds they cut into tokens
@@ -196,6 +197,21 @@ INPUT_EXAMPLES = {"ce": "e.g. `ce(logits, label)` with `label[B]: label(10)`",
                    "bce": "e.g. `bce(logits, labels)` with `labels[B, 527]: multilabel(527)`",
                    "next_token": "e.g. `next_token(logits, caption)` with `caption[B, 16]: text`",
                    "patches": "e.g. `patches(fbank, [16, 16])`"}
+
+
+def has_module(op: OpDef, args: dict) -> bool:
+    """Whether a call of ``op`` with ``args`` builds a module with weights (else it calls ``op.function``,
+    or, with ``share``, runs the module of another output)."""
+    if op.module is None or (op.share and args.get(op.share)):
+        return False
+    return not op.weights_if or bool(args.get(op.weights_if))
+
+
+def _learned_tau(*fixed: str) -> Callable:
+    """The module of a contrastive loss with ``learn_tau=true``: its function (by name in `losses`) with a
+    learned temperature; ``fixed`` names the other arguments it passes on."""
+    return lambda b: Runtime("losses.LearnedTemperature", (b.op.function.rsplit(".", 1)[1], b["tau"],
+                                                          tuple((k, b[k]) for k in fixed)))
 
 
 def usage(op: OpDef) -> str:
@@ -589,15 +605,19 @@ _add(OpDef("l2norm", "project", "Scale rows to unit length.", (T("x", "tensor"),
 _add(OpDef("patches", "target", "Patch rows of an input, in tokenizer order: the reconstruction target of an MAE.",
            (T("x", "tensor"), T("size", "ints")), _patches_shape, function="losses.patchify", positional=True))
 # losses
-_add(OpDef("nce", "loss", "Softmax InfoNCE between row-aligned embeddings (both directions by default).",
-           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True)), _nce_shape,
-           function="losses.nce", contrastive=True))
+_add(OpDef("nce", "loss", "Softmax InfoNCE between row-aligned embeddings (both directions by default); "
+           "`learn_tau=true` learns the temperature from `tau` (CLIP's logit scale, capped at 100).",
+           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True), T("learn_tau", "bool", False)),
+           _nce_shape, lambda b: OpCost(1 if b["learn_tau"] else 0), _learned_tau("both"), function="losses.nce",
+           weights_if="learn_tau", contrastive=True))
 _add(OpDef("mil_nce", "loss", "MIL-NCE between video and (several) text embeddings (VATT, MIL-NCE).",
            (T("video", "tensor"), T("text", "tensor"), T("tau", "float", 0.07), T("normalize", "bool", False)), _milnce_shape,
            function="losses.mil_nce", contrastive=True))
-_add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text similarity matrix (RO-ViT, MaMMUT).",
-           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0)), _nce_shape,
-           function="losses.focal_contrastive", contrastive=True))
+_add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text similarity matrix (RO-ViT, MaMMUT); "
+           "`learn_tau=true` learns the temperature from `tau` (as `nce`).",
+           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0), T("learn_tau", "bool", False)),
+           _nce_shape, lambda b: OpCost(1 if b["learn_tau"] else 0), _learned_tau("gamma"),
+           function="losses.focal_contrastive", weights_if="learn_tau", contrastive=True))
 _add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE).",
            (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True)), _mse_shape,
            function="losses.masked_mse", evaluates="reconstruction"))

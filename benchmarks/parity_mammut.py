@@ -21,13 +21,13 @@ the normalised patch tokens without CLS) is that spec with ``cross_mlp: own`` an
 Random weights everywhere (the reference's init, norms and biases shifted, the zero-initialised
 vocabulary projection drawn), ported with the name tables below; both models run the same images
 and captions (with trailing padding) in float64 and float32. Compared: the image tokens, the image
-tokens mapped for the decoder, each decoder pass's text tokens, both embeddings, the logits, the
-learned logit scale against ``1/tau`` and the losses (open_clip's `CoCaLoss` with weights 1).
+tokens mapped for the decoder, each decoder pass's text tokens, both embeddings, the logits and the
+losses (open_clip's `CoCaLoss` with weights 1, its learned logit scale ported to the spec's
+``learn_tau=true`` temperature).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import importlib
 import importlib.util
 import re
@@ -43,12 +43,10 @@ from avdsl.compiler import compile_graph
 
 from .parity import Capture, default_dtype, port, relative, report
 
-TAU = 0.07  # the spec's fixed temperature; open_clip learns its logit scale from 1 / 0.07
-
 # ------------------------------------------------------------------------------ weight name tables
 # (avdsl name, reference name, how); ``{i}`` runs over the reference's layers, ``{i*2}`` is the
 # decoder layer of the i-th cross-attention block (one every second layer). ``how``: "copy";
-# "t" (a [in, out] matrix applied as ``x @ W``, transposed to a linear weight); "token" and
+# "t" (an [in, out] matrix applied as ``x @ W``, transposed to a linear weight); "token" and
 # "table" (add the leading axes avdsl keeps); "q_rows" and "kv_rows" (the query rows and the key and
 # value rows of a packed in-projection); "zero_bias" (a bias the reference has not: zeros the size of
 # the named weight's output).
@@ -90,6 +88,7 @@ MAMMUT_COMMON_WEIGHTS = (
     ("decoder.final.shared.all.weight", "text.ln_final.weight", "copy"),
     ("decoder.final.shared.all.bias", "text.ln_final.bias", "copy"),
     ("out_logits.weight", "text.text_projection", "t"),
+    ("loss_contrastive_1.logit_scale", "logit_scale", "copy"),
 )
 # B-32 (`has_mlp: false`): the cross-attention block's MLP is the layer's MLP (`cross_mlp: with_cross`);
 # the final LayerNorm after pooling is the `layernorm()` of `image_embedding`
@@ -108,9 +107,7 @@ MAMMUT_L14_WEIGHTS = (
     ("vision.final.shared.all.weight", "visual.ln_post.weight", "copy"),
     ("vision.final.shared.all.bias", "visual.ln_post.bias", "copy"),
 )
-# read by the reference's forward but not a weight of the spec: the learned logit scale (compared
-# with the spec's 1 / tau instead)
-MAMMUT_UNUSED = r"logit_scale"
+MAMMUT_UNUSED = r""  # the reference's forward reads every tensor it has
 
 TRANSFORMS = {
     "copy": lambda t: t.clone(),
@@ -212,16 +209,14 @@ def build_reference(mammut_model, size: dict, config: dict):
 
 
 def randomise(ref) -> None:
-    """Random norms and biases (the init leaves them at 1 and 0) and a random vocabulary projection
-    (initialised to zeros). The logit scale keeps its initial value log(1 / 0.07), computed here in
-    float64 (the init rounds it to float32, 2e-9 off the spec's 1 / tau)."""
+    """Random norms and biases (the init leaves them at 1 and 0), a random vocabulary projection
+    (initialised to zeros) and a logit scale moved off its initial log(1 / 0.07)."""
     with torch.no_grad():
         for p in ref.parameters():
-            if p.dim() == 1:
+            if p.dim() <= 1:
                 p.add_(0.1 * torch.randn_like(p))
-            elif p.dim() >= 2 and not p.any():
+            elif not p.any():
                 p.normal_(std=0.02)
-    ref.logit_scale.data = torch.tensor(math.log(1 / TAU), dtype=torch.float64)
 
 
 def captions(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -255,7 +250,6 @@ def compare(ref, loss_module, model, config: dict, images: torch.Tensor, text: t
         "image_embedding (normalised)": relative(F.normalize(o["image_embedding"], dim=-1), out["image_features"]),
         "text_embedding (normalised)": relative(F.normalize(o["text_embedding"], dim=-1), out["text_features"]),
         "logits": relative(o["logits"][:, :-1], out["logits"]),
-        "logit scale (1 / tau)": relative(torch.tensor(1 / TAU, dtype=torch.float64), out["logit_scale"]),
         "loss contrastive": relative(result["losses"]["contrastive"], clip_loss),
         "loss captioning": relative(result["losses"]["captioning"], caption_loss),
         "loss (total)": relative(result["loss"], clip_loss + caption_loss),
@@ -285,5 +279,5 @@ def mammut(args) -> int:
             results.setdefault(name, {})[dtype] = value
     print(f"MaMMUT (open_clip's structure of {args.config}, {args.size} size, batch {args.batch}) vs {args.reference}: "
           f"max |avdsl - reference| / max |reference|")
-    print(f"  ported {len(ported.state)} tensors; the reference's logit scale is compared with 1 / tau")
+    print(f"  ported {len(ported.state)} tensors")
     return report(results)

@@ -9,13 +9,16 @@ Generated model code calls these by the names the operator catalogue (`avdsl.ops
   ``torch.compile(fullgraph=True)``.
 
 ``patchify`` (and its inverse ``unpatchify``) turn images, spectrograms and video into the patch
-rows that ``masked_mse`` compares.
+rows that ``masked_mse`` compares. `LearnedTemperature` is the one module: a contrastive loss whose
+temperature is a parameter (``learn_tau=true``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
@@ -262,3 +265,22 @@ def next_token(logits: Tensor, tokens: Tensor, pad: int = 0) -> Tensor:
         count = (target != pad).sum().clamp_min(1)
         return summed / count
 
+
+
+class LearnedTemperature(nn.Module):
+    """A contrastive loss (``nce`` or ``focal_contrastive``) with a learned temperature, as CLIP's
+    logit scale: the parameter is log(1 / tau), starting at the spec's ``tau``; the scale 1 / tau is
+    capped at 100 (CLIP clamps the parameter after each step; here the forward clamps it).
+    ``fixed``: the loss's other arguments, as (name, value) pairs."""
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, loss: str, tau: float, fixed: tuple = ()):
+        super().__init__()
+        self.loss = {f.__name__: f for f in (nce, focal_contrastive)}[loss]
+        self.fixed = dict(fixed)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        scale = self.logit_scale.clamp(max=math.log(self.MAX_SCALE)).exp()
+        return self.loss(a, b, tau=1 / scale, **self.fixed)
