@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timm", help="cav-mae: folder holding the timm version the reference needs (pip install --target)")
     parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
     parser.add_argument("--size", choices=["paper", "small"], default="paper",
-                        help="paper: the shipped spec as it is; small: width 64 and 256 frames, quick on a CPU")
+                        help="paper: the shipped spec as it is; small: a CPU-friendly size (cav-mae: width 64 and 256 frames)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the avdsl spec, as `avdsl build --set` (e.g. to see what a choice costs)")
     parser.add_argument("--config", choices=["B-32", "L-14"], default="B-32",
