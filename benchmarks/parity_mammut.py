@@ -18,8 +18,8 @@ the normalised patch tokens without CLS) is that spec with ``cross_mlp: own`` an
 ``--size paper`` is ViT-B/16 at 224 pixels with a 768-wide, 12-layer decoder (the paper's size),
 ``small`` a 2-layer ViT on 32 x 32 images and a 4-layer, 64-wide decoder with 16-token captions.
 
-Random weights everywhere (the reference's init, norms and biases shifted, the zero-initialised
-vocabulary projection drawn), ported with the name tables below; both models run the same images
+Random weights everywhere (the reference's init; norms, biases and the logit scale shifted; the
+zero-initialised vocabulary projection drawn), ported with the name tables below; both models run the same images
 and captions (with trailing padding) in float64 and float32. Compared: the image tokens, the image
 tokens mapped for the decoder, each decoder pass's text tokens, both embeddings, the logits and the
 losses (open_clip's `CoCaLoss` with weights 1, its learned logit scale ported to the spec's
