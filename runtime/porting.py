@@ -2,7 +2,8 @@
 
 A *format* (``runtime/formats/NAME.yaml``, shipped with the package) says how the tensors of a
 reference implementation's checkpoint become the tensors of an avdsl model. Adding a format is adding
-such a file; nothing here knows any model. The keys of a format file:
+such a file; nothing here knows any model. (torch is imported only by the functions that need it, so
+that the command line can list the formats without loading it.) The keys of a format file:
 
 ``format``
     its name (the file's name without ``.yaml``), used as ``avdsl import SPEC CHECKPOINT --from NAME``.
@@ -64,9 +65,12 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_KEYS = ("format", "doc", "spec", "file", "nested_in", "strip_prefix", "transforms", "groups", "tensors",
                "fixed", "unused")
@@ -287,6 +291,7 @@ def read_checkpoint(path: str | Path, fmt: Format, max_bytes: int, max_tensors: 
     Bounded before anything is loaded: the file's size (for ``npz`` the members' uncompressed sizes)
     at most ``max_bytes``, at most ``max_tensors`` tensors. Raises CheckpointReadError.
     """
+    import torch
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
@@ -318,6 +323,8 @@ def read_checkpoint(path: str | Path, fmt: Format, max_bytes: int, max_tensors: 
 def _read_torch(path: Path) -> dict:
     import pickle
 
+    import torch
+
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -332,6 +339,7 @@ def _read_torch(path: Path) -> dict:
 
 def _read_npz(path: Path, max_bytes: int, max_tensors: int) -> dict:
     import numpy as np
+    import torch
 
     try:
         with zipfile.ZipFile(path) as archive:
@@ -364,6 +372,7 @@ def _read_npz(path: Path, max_bytes: int, max_tensors: int) -> dict:
 
 def apply_steps(steps, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The avdsl tensor made of ``tensors``: each through ``steps``, then concatenated on axis 0."""
+    import torch
     parts = []
     for t in tensors:
         for kind, args in steps:
@@ -411,14 +420,15 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
     names = list(model_state)
     state, used = {}, {}
     missing, shapes, fixed_differ, twice = [], [], [], []
-    fixed_names = []
+    fixed_names, covered = [], set()  # covered: avdsl tensors a row names (set, or reported why not)
     for kind, rows in (("tensors", fmt.tensors), ("fixed", fmt.fixed)):
         for row in expand(rows, names):
             if row.to not in model_state:
                 missing.append(f"{row.to} (the model of this spec has no such tensor)")
                 continue
-            if row.to in state or row.to in fixed_names:
+            if row.to in covered:
                 twice.append(f"avdsl {row.to}")
+            covered.add(row.to)
             absent = [s for s in row.sources if s not in checkpoint]
             missing += [f"{s} (checkpoint, for {row.to})" for s in absent]
             for s in row.sources:
@@ -451,7 +461,7 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
             state[row.to] = value.to(ours.dtype)
     if twice:
         raise FormatError(f"format {fmt.name} uses a tensor twice: " + "; ".join(twice[:10]))
-    missing += sorted(set(names) - set(state) - set(fixed_names))
+    missing += [f"{n} (avdsl, no row of the format sets it)" for n in sorted(set(names) - covered)]
     unused = sorted(k for k in checkpoint if k not in used and any(re.fullmatch(p, k) for p in fmt.unused))
     left = sorted(set(checkpoint) - set(used) - set(unused))
     if missing or left or shapes or fixed_differ:
