@@ -131,14 +131,16 @@ class PortError(Exception):
     fixed: list = field(default_factory=list)  # fixed tables that differ
 
     def __str__(self) -> str:
-        parts = []
+        lines = []
         for title, items in (("missing", self.missing), ("left over", self.left_over),
                              ("shapes that do not fit", self.shapes), ("fixed tables that differ", self.fixed)):
             if items:
                 shown = summarise(items)
-                more = f" ... and {len(shown) - 20} more" if len(shown) > 20 else ""
-                parts.append(f"{title} ({len(items)}): " + "; ".join(shown[:20]) + more)
-        return "\n".join(parts)
+                lines.append(f"{title} ({len(items)}):")
+                lines += [f"  {item}" for item in shown[:20]]
+                if len(shown) > 20:
+                    lines.append(f"  ... and {len(shown) - 20} more (--json lists all)")
+        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ reading a format

@@ -285,7 +285,7 @@ def test_a_spec_with_another_position_table_is_refused(run_cli, tmp_path):
     torch.save(reference, tmp_path / "ref.pth")
     code, out, err = run_cli("import", *[str(spec), str(tmp_path / "ref.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
     assert code == 2
-    assert "fixed tables that differ (1): checkpoint pos_embed_v vs avdsl video_position.pos" in (out + err)
+    assert "fixed tables that differ (1):\n  checkpoint pos_embed_v vs avdsl video_position.pos" in (out + err)
 
 
 class _Payload:

@@ -93,10 +93,13 @@ def import_command(
     try:
         ported = porting.port(fmt, state, model.state_dict())
     except porting.PortError as e:
+        hint = (f"format {from_} maps onto {fmt.spec}; a spec with other depths or sizes than the checkpoint's "
+                "shows up as missing, left-over or misfitting tensors")
+        if e.fixed:
+            hint += ("; a fixed table that differs means the spec computes another one (position layout, sizes): "
+                     "the imported model would not compute the reference's function")
         raise ImportMismatch(
-            f"{checkpoint} does not fit the model of {analysis.spec.name} as format {from_} maps it:\n{e}",
-            f"format {from_} maps onto {fmt.spec}; a spec with other depths or sizes than the checkpoint's "
-            "shows up as missing, left-over or misfitting tensors",
+            f"{checkpoint} does not fit the model of {analysis.spec.name} as format {from_} maps it:\n{e}", hint,
             {"missing": e.missing, "left_over": e.left_over, "shapes": e.shapes, "fixed": e.fixed}) from None
     except porting.FormatError as e:
         raise CommandError(f"format {from_}: {e}", "the format's data file is wrong (see avdsl.runtime.porting)",
