@@ -28,6 +28,8 @@ that the command line can list the formats without loading it.) The keys of a fo
       is ``permute: [1, 0]``, a flax ``[h, w, in, out]`` convolution ``permute: [3, 2, 0, 1]``;
     - ``{flatten: [first, last]}``: merge axes first..last into one (``tensor.flatten``): flax's
       ``[width, heads, head_dim]`` projection kernels are ``flatten: [1, 2]`` then ``permute: [1, 0]``;
+    - ``{reshape: [d0, d1, ...]}``: the same values in another shape (``tensor.reshape``, one size may
+      be -1): a ``[tokens, width]`` table as avdsl's ``[1, tokens, width]`` is ``reshape: [1, -1, WIDTH]``;
     - ``{regrid: [axis, rows]}``: axis ``axis`` holds a ``rows x cols`` grid in row-major order
       (``cols`` follows from the axis' length); it is re-ordered column-major, i.e. the grid is
       transposed. Token and value orders that differ by the two axes of a patch grid are this.
@@ -75,7 +77,7 @@ if TYPE_CHECKING:
 FORMAT_KEYS = ("format", "doc", "spec", "file", "nested_in", "strip_prefix", "transforms", "groups", "tensors",
                "fixed", "unused")
 ROW_KEYS = ("to", "from", "how", "each")
-STEPS = ("permute", "flatten", "regrid")
+STEPS = ("permute", "flatten", "reshape", "regrid")
 FILE_KINDS = ("torch", "npz")
 FIXED_TOLERANCE = 1e-4  # of the largest value of a fixed table
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -382,6 +384,8 @@ def apply_steps(steps, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 t = t.permute(*args)
             elif kind == "flatten":
                 t = t.flatten(*args)
+            elif kind == "reshape":
+                t = t.reshape(*args)
             else:  # regrid
                 axis, rows = args
                 length = t.shape[axis]

@@ -230,9 +230,13 @@ def test_mbt_npz_imports_and_trains_from_it(run_cli, tmp_path):
                for n in ("query", "key", "value"))
     assert torch.allclose(x @ written["mbt.blocks.audio.0.qkv.weight"].T, torch.cat([q, k, v], dim=1), atol=1e-5)
 
-    code, out, err = run_cli(*["train", str(spec), "--init", str(run), "--steps", "1", "--batch-size", "2",
-                                         "--train-size", "4", "--val-size", "2", "--run-dir", str(tmp_path / "run"),
-                                         "--json"])
+    small = ["--steps", "1", "--batch-size", "2", "--train-size", "4", "--val-size", "2", "--json"]
+    code, out, err = run_cli("train", str(spec), "--init", str(run), "--run-dir", str(tmp_path / "run"), *small)
+    assert code == 0, out + err
+    code, out, err = run_cli("train", str(spec), "--run-dir", str(run), "--resume", *small)  # continue in the import's run
+    assert code == 0, out + err
+    assert "resuming from" in err and (run / "step-000001").is_dir()
+    code, out, err = run_cli("export", str(run / "step-000000"), "-o", str(tmp_path / "model.pt2"))
     assert code == 0, out + err
 
 
@@ -293,6 +297,7 @@ class _Payload:
         return (print, ("unpickled code ran",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_hostile_files_are_refused(run_cli, tmp_path, monkeypatch):
     spec = tmp_path / "spec.yaml"
     spec.write_text(CAV_SPEC)
@@ -315,6 +320,18 @@ def test_hostile_files_are_refused(run_cli, tmp_path, monkeypatch):
     torch.save({"a": torch.zeros(1000)}, tmp_path / "big.pth")
     code, out, err = run_cli("import", *[str(spec), str(tmp_path / "big.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
     assert code == 2 and "more than the limit of 1,000" in (out + err)
+
+
+def test_a_state_dict_nested_in_a_training_checkpoint_is_found(tmp_path):
+    fmt = porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch", "nested_in": ["state_dict"],
+                                "strip_prefix": ["module."], "tensors": [{"to": "a", "from": "w"}]}, "x.yaml")
+    torch.save({"epoch": 3, "state_dict": {"module.w": torch.ones(2)}}, tmp_path / "c.pt")
+    state = porting.read_checkpoint(tmp_path / "c.pt", fmt, 10**6, 10)
+    assert list(state) == ["w"]
+    assert porting.port(fmt, state, {"a": torch.zeros(2)}).state["a"].tolist() == [1.0, 1.0]
+    torch.save({"epoch": 3, "w": torch.ones(2)}, tmp_path / "d.pt")  # no state dict inside: not tensors only
+    with pytest.raises(porting.CheckpointReadError, match="entry 'epoch' is a int, not a tensor"):
+        porting.read_checkpoint(tmp_path / "d.pt", fmt, 10**6, 10)
 
 
 def test_an_unknown_format_gets_a_suggestion(run_cli, tmp_path):
@@ -352,6 +369,12 @@ def test_regrid_transposes_the_grid_on_one_axis():
     # a reference order f * T + t (2 frequency rows x 3 time columns) read time-major: t * F + f
     t = torch.arange(6.0).view(1, 6, 1)
     assert porting.apply_steps((("regrid", (1, 2)),), (t,)).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_reshape_and_flatten_steps():
+    t = torch.arange(12.0).view(3, 4)
+    assert porting.apply_steps((("reshape", (1, -1, 4)),), (t,)).shape == (1, 3, 4)
+    assert porting.apply_steps((("flatten", (0, 1)),), (t,)).tolist() == list(range(12))
 
 
 def test_summarise_groups_layer_numbers():
