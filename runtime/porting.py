@@ -137,7 +137,7 @@ class PortError(Exception):
         for title, items in (("missing", self.missing), ("left over", self.left_over),
                              ("shapes that do not fit", self.shapes), ("fixed tables that differ", self.fixed)):
             if items:
-                shown = summarise(items)
+                shown = [_clipped(item) for item in summarise(items)]
                 lines.append(f"{title} ({len(items)}):")
                 lines += [f"  {item}" for item in shown[:20]]
                 if len(shown) > 20:
@@ -475,6 +475,13 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
     for name in fixed_names:
         state[name] = model_state[name]
     return Ported(state, sorted(s for r in expand(fmt.fixed, names) for s in r.sources), unused)
+
+
+def _clipped(text: str, limit: int = 300) -> str:
+    """A line of a message: control characters escaped (names come from the file), at most ``limit`` long."""
+    from avdsl.diagnostics import printable
+
+    return printable(text[:limit]) + (" ..." if len(text) > limit else "")
 
 
 def summarise(names: list[str]) -> list[str]:

@@ -313,6 +313,10 @@ def test_hostile_files_are_refused(run_cli, tmp_path, monkeypatch):
         z.write(tmp_path / "obj.npy", "obj.npy")
     code, out, err = run_cli("import", *[str(spec), str(tmp_path / "obj.npz"), "--from", "mbt", "-o", str(tmp_path / "o")])
     assert code == 2 and "cannot be read as .npz" in (out + err)
+    hostile = _cav_reference(tmp_path) | {"\x1b[2J" + "x" * 5000: torch.zeros(1)}  # a name that drives the terminal
+    torch.save(hostile, tmp_path / "name.pth")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "name.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
+    assert code == 2 and "\\x1b[2Jxxx" in err and "\x1b" not in err and len(err) < 2000
     monkeypatch.setattr(limits, "MAX_IMPORT_BYTES", 1000)
     np.savez_compressed(tmp_path / "bomb.npz", a=np.zeros(100_000, np.float32))  # a few hundred bytes packed
     code, out, err = run_cli("import", *[str(spec), str(tmp_path / "bomb.npz"), "--from", "mbt", "-o", str(tmp_path / "o")])
