@@ -35,7 +35,8 @@ that the command line can list the formats without loading it.) The keys of a fo
       transposed. Token and value orders that differ by the two axes of a patch grid are this.
 
     A row with several source tensors applies its steps to each and concatenates the results along
-    axis 0 (separate query, key and value projections into one fused ``qkv``).
+    axis 0 (separate query, key and value projections into one fused ``qkv``). A new kind of step is
+    its name in ``STEPS`` and one branch in :func:`apply_steps`.
 ``groups`` (optional)
     named value lists for ``each`` (below): a mapping of placeholder -> list of values, all lists of
     one group of the same length and taken together (zipped).
