@@ -87,7 +87,9 @@ def import_command(
     try:
         state = porting.read_checkpoint(checkpoint, fmt, limits.MAX_IMPORT_BYTES, limits.MAX_IMPORT_TENSORS)
     except porting.CheckpointReadError as e:
-        raise CommandError(str(e), f"format {from_} reads {fmt.file} files: {fmt.doc.split('.')[0]}") from None
+        kind = ("a PyTorch state dict (.pth) of tensors" if fmt.file == "torch"
+                else "an .npz of named number arrays (docs/import.md shows how to write one)")
+        raise CommandError(str(e), f"format {from_} reads {kind}") from None
     _fits(analysis, 1)
     model = compile_graph(analysis.graph)
     try:
