@@ -43,6 +43,9 @@ class LayerSizes(NamedTuple):
     mlp_dim: int
 
 
+GATES = {"geglu": F.gelu, "swiglu": F.silu}  # gated MLP activations -> the function of the gate half
+
+
 class Block(nn.Module):
     """The weights of one layer of one weight set. ``norm_sets`` LayerNorm pairs (one per pass when
     passes have their own norms); attention and feed-forward weights are shared by all passes. A layer
@@ -59,7 +62,7 @@ class Block(nn.Module):
             self.qkv = nn.Linear(width, 3 * width, bias=bias)
             self.proj = nn.Linear(width, width, bias=bias)
         self.norm2 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
-        inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
+        inner = 2 * mlp_dim if activation in GATES else mlp_dim  # a gated MLP: gate half, then value half
         self.fc1 = nn.Linear(width, inner, bias=bias)
         self.fc2 = nn.Linear(mlp_dim, width, bias=bias)
         self.drop = nn.Dropout(dropout)
@@ -71,9 +74,9 @@ class Block(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if self.activation == "geglu":
-            a, b = h.chunk(2, dim=-1)
-            h = F.gelu(a) * b
+        if self.activation in GATES:
+            gate, value = h.chunk(2, dim=-1)
+            h = GATES[self.activation](gate) * value
         elif self.activation == "relu":
             h = F.relu(h)
         elif self.activation == "gelu_tanh":  # the tanh approximation (flax's nn.gelu default)
