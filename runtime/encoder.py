@@ -244,6 +244,10 @@ class StreamTransformer(nn.Module):
         elif final_norm:
             for ws, size in sizes.items():
                 self.final[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(size.width, eps=eps, bias=bias) for p in norm_sets})
+        # per pass, the streams it updates; with ``kept`` a dict (see `avdsl.compiler.keep`), forward
+        # stores each of them after every layer under "pass.stream@layer" ("stream@layer" without passes)
+        self.updates = {p: tuple(dict.fromkeys(a.query for layer in layers for a in layer)) for p, layers in self.plans.items()}
+        self.kept: dict | None = None
         # which weight set's final norm applies to a stream: the last one that updated it
         self.final_of = {}
         for p, layers in self.plans.items():
@@ -262,6 +266,8 @@ class StreamTransformer(nn.Module):
                 x = self.layer(pname, li, layer, x)
                 for a in layer:
                     updated.setdefault(a.query)
+                if self.kept is not None:
+                    self.kept.update({f"{pname}.{s}@{li}" if pname else f"{s}@{li}": x[s] for s in self.updates[pname]})
             nk = self.norm_of[pname]
             for s in updated:
                 y = x[s]
