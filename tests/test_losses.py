@@ -302,9 +302,10 @@ def test_every_loss_computes_in_float64_given_float64(name):
                                     tuple(a for a in args if a.requires_grad))
 
 
-@pytest.mark.parametrize("fn", [nce, focal_contrastive])
-def test_a_learned_float32_temperature_keeps_float64(fn):
+@pytest.mark.parametrize("fn, arg, value", [(nce, "tau", 0.07), (focal_contrastive, "tau", 0.07),
+                                             (focal_contrastive, "bias", -2.0), (mil_nce, "tau", 0.07)])
+def test_a_learned_float32_scalar_keeps_float64(fn, arg, value):
     a, b = (x.double() for x in _example_args()["nce"])
-    tau = torch.nn.Parameter(torch.tensor(0.07))  # a learned scalar in float32, as the model holds it
-    assert fn(a, b, tau=tau).dtype == torch.float64
-    assert fn(a, b, tau=tau).item() == pytest.approx(fn(a, b, tau=0.07).item(), rel=1e-6)
+    learned = torch.nn.Parameter(torch.tensor(value))  # a learned scalar in float32, as the model holds it
+    assert fn(a, b, **{arg: learned}).dtype == torch.float64
+    assert fn(a, b, **{arg: learned}).item() == pytest.approx(fn(a, b, **{arg: value}).item(), rel=1e-6)
