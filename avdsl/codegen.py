@@ -106,7 +106,7 @@ class Emitted:
     code: str  # the source of ``forward``
     params: dict  # input name -> its parameter name in ``forward`` (differs when the name is taken)
     attrs: dict  # node id -> module attribute name
-    keeping_code: str = ""  # ``forward_keeping``: the same body, also returning {"tensors": {graph tensor name: value}}
+    keeping_code: str  # ``forward_keeping``: the same body, also returning {"tensors": {graph tensor name: value}}
 
 
 class _Emitter:

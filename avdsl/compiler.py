@@ -168,7 +168,7 @@ class CompiledModel(nn.Module):
         namespace["torch"] = torch
         for name, text in ((filename, code), (f"{filename}:keeping", emitted.keeping_code)):
             linecache.cache[name] = (len(text), None, text.splitlines(True), name)
-            exec(compile(text, name, "exec"), namespace)  # the generated forward, shown by --emit code
+            exec(compile(text, name, "exec"), namespace)  # the forward --emit code shows, and its variant for `keep`
         self._generated, self._generated_keeping = namespace["forward"], namespace["forward_keeping"]
         # what `keep` can return: graph tensors, and each encoder output after each layer
         self._tensor_names = tuple(codegen.kept_tensors(graph))
