@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from avdsl.api import analyse, analyse_text
+from avdsl.diagnostics import SpecError
 from avdsl.loader import builtin_names, parse_yaml
 
 PAPERS = Path(__file__).resolve().parent.parent / "docs" / "papers"
@@ -41,6 +42,18 @@ def test_the_pages_have_blocks_to_check():
 
 @pytest.mark.parametrize("page, line, text", BLOCKS, ids=[f"{p}:{n}" for p, n, _ in BLOCKS])
 def test_yaml_block_is_a_spec(page, line, text):
+    check_block(page, line, text)
+
+
+def test_an_excerpt_need_only_be_yaml_and_a_spec_must_build():
+    check_block("x.md", 1, "# excerpt of specs/mbt.yaml\nencoders:\n  mbt:\n    routing: [use unimodal]\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        check_block("x.md", 1, "# excerpt\nmbt: {width: 768, routing: [a <- a], depth: 12: 3}\n")
+    with pytest.raises(SpecError):
+        check_block("x.md", 1, "encoders:\n  mbt:\n    routing: [use unimodal]\n")
+
+
+def check_block(page: str, line: int, text: str) -> None:
     # the block's lines keep their numbers in the page, so an error points into the page
     source = "\n" * (line - 1) + text
     where = f"docs/papers/{page}"
