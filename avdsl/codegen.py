@@ -29,7 +29,7 @@ GLOBALS = ("self", "torch") + tuple(RUNTIME_GLOBALS.values())
 MODULE_ATTRS = frozenset((
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "code", "compile", "cpu",
     "cuda", "double", "dump_patches", "eval", "eval_plan", "extra_repr", "float", "forward", "get_buffer",
-    "get_extra_state", "get_parameter", "get_submodule", "half", "inputs", "ipu", "load_state_dict", "modules", "mtia",
+    "get_extra_state", "get_parameter", "get_submodule", "half", "inputs", "ipu", "load_state_dict", "loss_weights", "modules", "mtia",
     "named_buffers", "named_children", "named_modules", "named_parameters", "no_weight_decay", "arg_names", "token_drops", "parameters",
     "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
     "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
@@ -107,6 +107,7 @@ class Emitted:
     params: dict  # input name -> its parameter name in ``forward`` (differs when the name is taken)
     attrs: dict  # node id -> module attribute name
     keeping_code: str  # ``forward_keeping``: the same body, also returning {"tensors": {graph tensor name: value}}
+    loss_weights: tuple[float, ...] = ()  # the values of ``self.loss_weights``: every loss term's weight, in code order
 
 
 class _Emitter:
@@ -119,6 +120,7 @@ class _Emitter:
         self.optional = optional_inputs(graph)
         self.body: list[str] = []
         self.loss_lines: dict[str, list[str]] = {}
+        self.loss_weights: list[float] = []  # one per loss term, read by the code as ``self.loss_weights[i:j]``
         self.last_group = None
         self.first_input = ""  # the parameter latent tokens take their batch size from (set by `emit`)
 
@@ -195,7 +197,13 @@ class _Emitter:
         return f"{RUNTIME_GLOBALS[module]}.{function}({', '.join(args)})"
 
     def loss(self, node: LossNode) -> None:
-        terms = " + ".join(f"{w!r} * {self.tensor(t)}" if w != 1.0 else self.tensor(t) for w, t in zip(node.weights, node.inputs))
+        # the weights are a buffer of the model, not constants of the code: runs that differ only in
+        # loss weights run the same code, so a vectorized ensemble can train them together
+        first = len(self.loss_weights)
+        self.loss_weights.extend(node.weights)
+        terms = ", ".join(self.tensor(t) for t in node.inputs)
+        shown = ", ".join(f"{w:g}" for w in node.weights)
+        terms = f"{RUNTIME_GLOBALS['losses']}.weighted(self.loss_weights[{first}:{len(self.loss_weights)}], {terms})  # weights {shown}"
         needs = sorted({i for t in node.inputs for i in self.graph.inputs_of(t) if i in self.optional})
         block = self.loss_lines.get(node.name, []) + [f"losses[{node.name!r}] = {terms}"]
         if needs:
@@ -229,7 +237,7 @@ def emit(graph: Graph, file_label: str = "") -> Emitted:
     # the variant `compiler.keep` runs: every tensor the body always assigns (loss terms are in `losses`)
     kept = ", ".join(f"{t!r}: {e.tensor(t)}" for t in kept_tensors(graph))
     keeping = _function("forward_keeping", signature, body + [f'return {result}, "tensors": {{{kept}}}}}'])
-    return Emitted(code, params, e.attrs, keeping)
+    return Emitted(code, params, e.attrs, keeping, tuple(e.loss_weights))
 
 
 def kept_tensors(graph: Graph) -> list[str]:
