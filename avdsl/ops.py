@@ -555,7 +555,8 @@ _add(OpDef("dropmodality", "drop", "In training only, replace the whole stream o
            "one learned 'missing' token, repeated (modality dropout); the token count does not change.",
            (T("rate", "float"),), shape=lambda b, loc: tuple(b["x"]), cost=lambda b: OpCost(b["x"][-1]), train_only=True,
            module=lambda b: Runtime("embeddings.DropModality", (b["rate"], b["x"][-1]))))
-_add(OpDef("random_mask", "drop", "MAE masking: keep a random `1 - rate` fraction of tokens (always); records the mask for restore and losses.",
+_add(OpDef("random_mask", "drop", "MAE masking: keep a random `1 - rate` fraction of tokens (always); records the mask for restore and losses. "
+           "`random_mask(0)` keeps every token in place (an all-zero mask): masking off, `restore:` and masked losses still work.",
            (T("rate", "float"),), writes_mask=True, module=lambda b: Runtime("embeddings.RandomMask", (b["rate"], b["x"][1]))))
 # outputs: pooling, projections, heads
 _add(OpDef("mean", "pool", "Mean over tokens; several streams are pooled together as one sequence.", (T("x", "tensors"),),

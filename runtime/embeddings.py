@@ -171,12 +171,16 @@ def keep_random(x: torch.Tensor, keep: int, generator: torch.Generator | None = 
 
     The tokens with the ``keep`` smallest values of ``noise`` [B, N] are kept, smallest first; without
     ``noise`` it is drawn uniform in [0, 1) (from ``generator`` if given). Given noise makes the mask
-    reproducible, e.g. the one a reference implementation drew."""
+    reproducible, e.g. the one a reference implementation drew. Keeping every token (a rate of 0)
+    returns ``x`` itself with an all-zero mask and the identity ``ids_restore``, noise or not."""
     b, n, d = x.shape
     if noise is None:
         noise = torch.rand(b, n, device=x.device, generator=generator)
     elif tuple(noise.shape) != (b, n):
         raise ValueError(f"mask noise must have shape [batch, tokens] = [{b}, {n}], got {list(noise.shape)}")
+    if keep >= n:  # a rate of 0: every token, in place (no shuffle), and nothing masked
+        ids = torch.arange(n, device=x.device).expand(b, n)
+        return x, torch.zeros(b, n, device=x.device, dtype=x.dtype), ids
     ids_shuffle = torch.argsort(noise.to(x.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
