@@ -3,6 +3,7 @@
     python -m benchmarks.parity cav-mae --reference PATH [--timm PATH] [--size paper|small] [--batch 2] [--set K=V]
     python -m benchmarks.parity cav-mae-ft --reference PATH [--timm PATH] ...
     python -m benchmarks.parity mbt-cls --reference PATH [--jax PATH] ...        (see `benchmarks.parity_mbt`)
+    python -m benchmarks.parity zorro --reference PATH [--deps PATH] ...          (see `benchmarks.parity_zorro`)
 
 Imports the reference model from PATH at run time (nothing of it is copied into avdsl), gives it
 random weights (norms and biases included), ports them into the avdsl model built from the spec
@@ -237,9 +238,10 @@ class Ported:
     unused: list  # reference tensors the reference's forward never reads
 
 
-def port(model, reference_state: dict, table, tables, unused_pattern: str, transforms: dict) -> Ported:
+def port(model, reference_state: dict, table, tables, unused_pattern: str, transforms: dict, own_pattern: str = r"$^") -> Ported:
     """avdsl state from the reference state; every avdsl tensor set once and every reference tensor
-    used once (or known to be unused), or an error that lists what is missing or left over."""
+    used once (or known to be unused), or an error that lists what is missing or left over. avdsl
+    tensors matching ``own_pattern`` have no counterpart in the reference and keep their own values."""
     ours = model.state_dict()
     rows = expand(table, reference_state)
     state, used = {}, set()
@@ -256,13 +258,14 @@ def port(model, reference_state: dict, table, tables, unused_pattern: str, trans
         state[name] = value
         used.update(names)
     compared = {name for name, _, _ in tables}
-    missing = sorted(set(ours) - set(state) - compared)
+    kept = {k for k in ours if re.fullmatch(own_pattern, k)}
+    missing = sorted(set(ours) - set(state) - compared - kept)
     left = sorted(k for k in set(reference_state) - used - {t for _, t, _ in tables} if not re.fullmatch(unused_pattern, k))
     if missing or left:
         raise SystemExit("port incomplete:\n  avdsl tensors not set: " + ", ".join(missing or ["none"])
                          + "\n  reference tensors left over: " + ", ".join(left or ["none"]))
-    for name in compared:
-        state[name] = ours[name]  # each side's own table
+    for name in compared | kept:
+        state[name] = ours[name]  # each side's own table; avdsl's own tensors
     return Ported(state, sorted(k for k in reference_state if re.fullmatch(unused_pattern, k)))
 
 
@@ -489,10 +492,11 @@ CASES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls"]))
+    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls", "zorro"]))
     parser.add_argument("--reference", required=True, help="root of your checkout of the reference repository")
     parser.add_argument("--timm", help="cav-mae: folder holding the timm version the reference needs (pip install --target)")
     parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
+    parser.add_argument("--deps", help="zorro: folder holding the port's imports einops and beartype (pip install --target)")
     parser.add_argument("--size", choices=["paper", "small"], default="paper",
                         help="paper: the shipped spec as it is; small: width 64 and 256 frames, quick on a CPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -506,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         from .parity_mbt import mbt_cls
 
         return mbt_cls(args)
+    if args.model == "zorro":
+        from .parity_zorro import zorro
+
+        return zorro(args)
     return run_case(CASES[args.model], args)
 
 
