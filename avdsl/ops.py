@@ -25,6 +25,7 @@ class Param:
     name: str
     kind: str  # "int" | "float" | "bool" | "name" | "ints" | "tensor"
     default: object = ...  # ... = required
+    keyword: bool = False  # given by name only (`norm=both`), never by position
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def bind(op: OpDef, call: ex.Call, loc: Loc) -> Bound:
         out[params[0].name] = tensors
         cols[params[0].name] = tensors[0].col
         positional, params = [], params[1:]
+    params = [p for p in params if not p.keyword]
     if len(positional) > len(params):
         extra = positional[len(params)]
         raise SpecError(loc.shifted(getattr(extra, "col", call.col)), f"{op.name}() takes {len(params)} arguments, got {len(positional)}",
@@ -281,7 +283,7 @@ def _patch_cost(window: Callable) -> Callable:
 
 # the LayerNorms a patch tokenizer may put around its projection (`norm=`), with their epsilon
 TOKEN_NORMS = ("none", "before", "after", "both")
-_TOKEN_NORM_PARAMS = (Param("norm", "name", "none"), Param("eps", "float", 1e-5))
+_TOKEN_NORM_PARAMS = (Param("norm", "name", "none", keyword=True), Param("eps", "float", 1e-5, keyword=True))
 _TOKEN_NORM_DOC = (" `norm=before|after|both` puts a LayerNorm (weight and bias, epsilon `eps`) on the patch values before "
                    "the projection, on the tokens after it, or both (the Zorro port's tokenizers).")
 

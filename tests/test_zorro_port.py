@@ -191,3 +191,11 @@ def test_zorro_transforms_keep_the_ports_functions():
     patch = torch.randn(16, 16)  # [time, frequency] as avdsl reads an fbank
     ours = (t["audio_kernel"](w)[:, 0] * patch).sum(dim=(1, 2))
     assert torch.allclose(ours, w @ patch.T.reshape(-1), atol=1e-5)
+
+
+def test_tokenizer_norm_is_given_by_name_only():
+    with pytest.raises(SpecError) as e:
+        analyse_text(SMALL.replace("patch2d(8, 8, norm=NORM)", "patch2d(8, 8, 0, both)").replace("NORM", "none"), "z.yaml")
+    d = e.value.diagnostic
+    assert d.message == "patch2d() takes 3 arguments, got 4" and d.hint == "usage: patch2d(h, w, channels=0, norm=none, eps=1e-05)"
+    assert (d.loc.line, d.loc.column) == (7, 54)  # under the extra argument
