@@ -277,6 +277,7 @@ def _patch_cost(window: Callable) -> Callable:
         per = _channels(b) * window(b)
         norm = b.get("norm", "none")
         norms = (2 * per if norm in ("before", "both") else 0) + (2 * width if norm in ("after", "both") else 0)
+        # a LayerNorm costs about 5 FLOPs per value it normalises (its parameters are 2 per value)
         return OpCost(per * width + width + norms, 0, 2 * tokens * per * width + 5 * tokens * norms // 2)
     return cost
 
