@@ -65,6 +65,9 @@ class OpDef:
     train_only: bool = False  # drops: only in training (the evaluation shape is the input's)
     writes_mask: bool = False  # drops: also writes the mask and restore ids (a stream's `mask:`)
     adds_nothing: bool = False  # positions: no node at all
+    # information flow, where rows of the output read different tensors: (args, sources of each tensor
+    # argument, their per-row sources or None) -> (the output's sources, its per-row sources or None)
+    rows: Callable | None = None
 
 
 class Bound(dict):
@@ -378,6 +381,16 @@ def _attnpool_cost(b: Bound) -> OpCost:
     return OpCost(params, 0, 2 * d * d * (2 * q + 2 * n) + 4 * q * n * d)
 
 
+def _attnpool_rows(args: dict, sources: list, rows: list) -> tuple:
+    """With ``each``, query i reads only the i-th tensor: its row depends on that tensor's sources."""
+    union = frozenset().union(*sources)
+    return (union, tuple(sources)) if args["each"] else (union, None)
+
+
+def _pick_rows(args: dict, sources: list, rows: list) -> tuple:
+    return (rows[0][args["index"]], None) if rows[0] is not None else (sources[0], None)
+
+
 def _pick_shape(b: Bound, loc: Loc) -> Shape:
     x, name = b["x"], b.written.get("x", "x")
     if len(x) != 3:
@@ -607,9 +620,9 @@ _add(OpDef("attnpool", "pool", "Attention pooling: `queries` learned query token
            (T("x", "tensors"), T("queries", "int", 1), T("heads", "int", 8), T("each", "bool", False), T("norm", "bool", False),
             T("residual", "bool", False), T("bias", "bool", True), T("eps", "float", 1e-5)), _attnpool_shape, _attnpool_cost,
            module=lambda b: Runtime("heads.AttentionPool", (b["x"][0][-1], b["queries"], b["heads"], b["each"], b["norm"],
-                                                            b["residual"], b["bias"], b["eps"]))))
+                                                            b["residual"], b["bias"], b["eps"])), rows=_attnpool_rows))
 _add(OpDef("pick", "pool", "Token `index` (from 0) of [B, N, D] tokens, as [B, D] (e.g. one query of an `attnpool` with several).",
-           (T("x", "tensor"), T("index", "int")), _pick_shape, function="heads.pick"))
+           (T("x", "tensor"), T("index", "int")), _pick_shape, function="heads.pick", rows=_pick_rows))
 _add(OpDef("avg", "pool", "Element-wise mean of tensors of one shape (e.g. averaging per-modality logits).", (T("x", "tensors"),),
            _avg_shape, function="heads.avg", evaluates="average"))
 _add(OpDef("tokens", "pool", "The tokens of a stream, dropping `skip` leading ones (e.g. CLS).", (T("x", "tensor"), T("skip", "int", 0)),

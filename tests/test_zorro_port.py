@@ -199,3 +199,26 @@ def test_tokenizer_norm_is_given_by_name_only():
     d = e.value.diagnostic
     assert d.message == "patch2d() takes 3 arguments, got 4" and d.hint == "usage: patch2d(h, w, channels=0, norm=none, eps=1e-05)"
     assert (d.loc.line, d.loc.column) == (7, 54)  # under the extra argument
+
+
+INTENDED = ["outputs.pooled=attnpool(backbone.audio, backbone.video, backbone.fusion, queries=3, heads=4, each=true, "
+            "norm=true, residual=true)", "outputs.audio_out=pick(pooled, 0)", "outputs.video_out=pick(pooled, 1)",
+            "outputs.fusion_out=pick(pooled, 2)"]
+
+
+def test_flow_follows_each_query_to_its_own_tensor():
+    from avdsl.api import verify_flow
+    from avdsl.lint.flow import analyse_flow
+
+    a = analyse("tiny/zorro", INTENDED)
+    flow = analyse_flow(a.graph)
+    assert flow.sources_of("out.audio_out", "input") == {"fbank"}
+    assert flow.sources_of("out.video_out", "input") == {"frames"}
+    assert flow.sources_of("out.fusion_out", "input") == {"fbank", "frames"}
+    assert flow.sources_of("out.pooled", "input") == {"fbank", "frames"}
+    result = verify_flow(a)  # and the built model agrees, output by output
+    assert result.checked >= 6 and result.mismatches == []
+    # the port's form: both modality queries read the mean of everything, so neither output is unimodal
+    port = analyse_flow(analyse("tiny/zorro", [INTENDED[0].replace("backbone.audio, backbone.video", "global_out, global_out")]
+                                + INTENDED[1:]).graph)
+    assert port.sources_of("out.audio_out", "input") == {"fbank", "frames"}
