@@ -574,11 +574,12 @@ _add(OpDef("tubelet", "tokenizer", "Split a video into non-overlapping t x h x w
            shape=lambda b, loc: _grid(b, loc, b["x"][-3:], (b["t"], b["h"], b["w"]), ("frames", "height", "width")),
            cost=_patch_cost(lambda b: b["t"] * b["h"] * b["w"]), choices={"norm": TOKEN_NORMS},
            module=lambda b: Runtime("embeddings.TubeletEmbed", (_channels(b), b["t"], b["h"], b["w"], b.width, b["norm"], b["eps"]))))
-_add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping windows of k samples, each linearly projected (VATT's WaT).",
-           (T("k", "int"),), input_kinds=("waveform",),
+_add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping windows of k samples, each linearly projected (VATT's WaT)."
+           + _TOKEN_NORM_DOC,
+           (T("k", "int"), *_TOKEN_NORM_PARAMS), input_kinds=("waveform",),
            shape=lambda b, loc: _grid(b, loc, b["x"][-1:], (b["k"],), ("samples",)),
-           cost=_patch_cost(lambda b: b["k"]),
-           module=lambda b: Runtime("embeddings.WaveEmbed", (b["k"], b.width))))
+           cost=_patch_cost(lambda b: b["k"]), choices={"norm": TOKEN_NORMS},
+           module=lambda b: Runtime("embeddings.WaveEmbed", (b["k"], b.width, b["norm"], b["eps"]))))
 _add(OpDef("embed", "tokenizer", "Look up token ids in an embedding table; with `dim`, embed at `dim` then project linearly to the width.",
            (T("vocab", "int"), T("dim", "int", 0), T("frozen", "bool", False)), input_kinds=("text",),
            shape=lambda b, loc: _grid(b, loc, b["x"][1:2], (1,), ("length",)), cost=_embed_cost,

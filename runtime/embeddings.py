@@ -79,15 +79,18 @@ class TubeletEmbed(_PatchNorms):
         return self._project(x, lambda v: cut_patches(v, self.size))
 
 
-class WaveEmbed(nn.Module):
-    """Non-overlapping windows of k raw samples [B, S], projected to D (a strided Conv1d)."""
+class WaveEmbed(_PatchNorms):
+    """Non-overlapping windows of k raw samples [B, S], projected to D (a strided Conv1d). ``norm``:
+    LayerNorms around the projection (see `_PatchNorms`)."""
 
-    def __init__(self, k: int, width: int):
+    def __init__(self, k: int, width: int, norm: str = "none", eps: float = 1e-5):
         super().__init__()
+        self.size = (k,)
         self.proj = nn.Conv1d(1, width, kernel_size=k, stride=k)
+        self._norms(k, width, norm, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.unsqueeze(1)).transpose(1, 2)
+        return self._project(x.unsqueeze(1), lambda v: cut_patches(v, self.size))
 
 
 class TextEmbed(nn.Module):

@@ -222,3 +222,13 @@ def test_flow_follows_each_query_to_its_own_tensor():
     port = analyse_flow(analyse("tiny/zorro", [INTENDED[0].replace("backbone.audio, backbone.video", "global_out, global_out")]
                                 + INTENDED[1:]).graph)
     assert port.sources_of("out.audio_out", "input") == {"fbank", "frames"}
+
+
+def test_waveform_windows_take_the_same_norms():
+    text = SMALL.replace('fbank[B, 32, 16]: fbank', 'wave[B, 256]: waveform').replace(
+        'audio: {input: fbank, tokenizer: "patch2d(8, 8, norm=NORM)"}', 'audio: {input: wave, tokenizer: "wave1d(32, norm=NORM)"}')
+    a = analyse_text(text.replace("NORM", "both").replace("POOL", "mean(backbone.audio)"), "w.yaml")
+    assert a.cost.params["audio/tokenize"] == 32 * 16 + 16 + 2 * 32 + 2 * 16
+    model = compile_graph(a.graph)
+    assert sum(p.numel() for p in model.parameters()) == a.cost.total_params
+    assert model.audio_tokenize(torch.randn(2, 256)).shape == (2, 8, 16)
