@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
     parser.add_argument("--deps", help="zorro: folder holding the port's imports einops and beartype (pip install --target)")
     parser.add_argument("--size", choices=["paper", "small"], default="paper",
-                        help="paper: the shipped spec as it is; small: width 64 and 256 frames, quick on a CPU")
+                        help="paper: the shipped spec as it is; small: width 64 and short inputs, quick on a CPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the avdsl spec, as `avdsl build --set` (e.g. to see what a choice costs)")
     parser.add_argument("--batch", type=int, default=2)
