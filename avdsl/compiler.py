@@ -147,6 +147,8 @@ class CompiledModel(nn.Module):
         for name, module in modules.items():
             self.add_module(name, module)
         code = self.code = emitted.code
+        # every loss term's weight (see `losses.weighted`); not saved in checkpoints: the spec gives it
+        self.register_buffer("loss_weights", torch.tensor(emitted.loss_weights, dtype=torch.float64), persistent=False)
         self.no_weight_decay = tuple(emitted.attrs[n.id] for n in graph.nodes() if n.kind in NO_DECAY_KINDS
                                      and emitted.attrs[n.id] in modules)
         self.arg_names = {name: param for name, param in emitted.params.items() if name != param}  # renamed inputs

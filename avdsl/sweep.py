@@ -5,8 +5,9 @@ it takes; the sweep is the product of its grids, times ``--seeds`` seeds. Every 
 validated and costed here, before anything trains, so that a bad value is one located error
 (``<--grid>:LINE:COLUMN``, where line N is the N-th ``--grid`` argument) and not a crash in run 7.
 
-Variants whose models are identical (they differ only in training settings a member of a vectorized
-ensemble may hold on its own: seed, learning rate, weight decay, warmup, clipping) form one group,
+Variants whose models are identical up to what a member of a vectorized ensemble may hold on its own
+(training settings: seed, learning rate, weight decay, warmup, clipping; in the model: loss weights
+and dropout rates) form one group,
 which the runtime trains together (`avdsl.runtime.train.ensemble`); the others train one by one.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import yaml
 
@@ -89,16 +90,17 @@ class Plan:
 
 
 def _split_values(text: str) -> list[tuple[str, int]]:
-    """Split ``a,b,[1, 2],'x,y'`` at the commas outside brackets and quotes; (value, offset) pairs."""
+    """Split ``a,b,[1, 2],'x,y',0.1 * nce(a, b)`` at the commas outside brackets, parentheses and
+    quotes; (value, offset) pairs."""
     parts, depth, quote, start = [], 0, None, 0
     for i, ch in enumerate(text):
         if quote:
             quote = None if ch == quote else quote
         elif ch in "'\"":
             quote = ch
-        elif ch in "[{":
+        elif ch in "[{(":
             depth += 1
-        elif ch in "]}":
+        elif ch in "]})":
             depth -= 1
         elif ch == "," and depth == 0:
             parts.append((text[start:i], start))
@@ -227,12 +229,41 @@ def plan_sweep(spec: str, axes: list[Axis], seeds: int, overrides: list[str] = (
     return plan
 
 
-def group_key(model_data: dict, settings: dict, member_settings: tuple[str, ...]) -> str:
-    """Runs share a group when their specs agree outside `train:` (the same model) and their
-    settings agree except ``member_settings``, those an ensemble member holds on its own."""
-    model = {k: v for k, v in model_data.items() if k not in ("train", "name", "doc")}
+# fields of the IR that say where something was written, not what it computes
+_PLACES = frozenset(("loc", "locs", "col"))
+# values an ensemble member holds on its own (the model's `loss_weights` buffer and its dropout rates)
+MEMBER_FIELDS = frozenset((("LossNode", "weights"), ("EncoderDecl", "dropout")))
+
+
+def _plain(value, leave_out: frozenset):
+    """``value`` as JSON-able data, without source places and without the fields in ``leave_out``."""
+    if is_dataclass(value) and not isinstance(value, type):
+        kind = type(value).__name__
+        return {"": kind, **{f.name: _plain(getattr(value, f.name), leave_out) for f in fields(value)
+                             if f.name not in _PLACES and (kind, f.name) not in leave_out}}
+    if isinstance(value, dict):
+        return {str(k): _plain(v, leave_out) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v, leave_out) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def model_key(graph, leave_out: frozenset = MEMBER_FIELDS) -> str:
+    """A fingerprint of what ``graph`` computes, leaving out where it was written and the fields in
+    ``leave_out``: two variants with the same key build modules of the same kinds and shapes and run
+    the same generated code."""
+    nodes = [_plain(node, leave_out) for node in graph.nodes()]
+    text = json.dumps([nodes, _plain(graph.tensors, leave_out), _plain(graph.outputs, leave_out)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def group_key(graph, settings: dict, member_settings: tuple[str, ...]) -> str:
+    """Runs share a group when they build the same model up to what ensemble members hold apart
+    (`model_key`) and their settings agree except ``member_settings`` (those of each member's optimizer)."""
     shared = {k: v for k, v in sorted(settings.items()) if k not in member_settings}
-    text = json.dumps([model, shared], sort_keys=True, default=str)
+    text = json.dumps([model_key(graph), shared], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -241,5 +272,5 @@ def diagnostic_sources(items: list[str]) -> dict:
     return {GRID: "\n".join(items)}
 
 
-__all__ = ["Axis", "GRID", "Plan", "Variant", "diagnostic_sources", "group_key",
+__all__ = ["Axis", "GRID", "MEMBER_FIELDS", "Plan", "Variant", "diagnostic_sources", "group_key", "model_key",
            "parse_grid", "plan_sweep", "run_name"]

@@ -43,6 +43,29 @@ class LayerSizes(NamedTuple):
     mlp_dim: int
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout`` whose rate is also a buffer. A lone model drops with its fixed rate
+    (``F.dropout``); the members of a vectorized ensemble (`avdsl.runtime.train.ensemble`) may differ
+    in rate, and there ``per_member`` makes each member drop with its own ``rate`` buffer."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+        self.per_member = False
+        self.register_buffer("rate", torch.tensor(self.p, dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self.per_member:
+            keep = 1 - self.rate.to(x.dtype)
+            return x * (torch.rand_like(x) < keep).to(x.dtype) / keep.clamp_min(1e-12)
+        return F.dropout(x, self.p, True) if self.p > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Block(nn.Module):
     """The weights of one layer of one weight set. ``norm_sets`` LayerNorm pairs (one per pass when
     passes have their own norms); attention and feed-forward weights are shared by all passes. A layer
@@ -62,7 +85,7 @@ class Block(nn.Module):
         inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
         self.fc1 = nn.Linear(width, inner, bias=bias)
         self.fc2 = nn.Linear(mlp_dim, width, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         if cross_width is not None:
             self.norm_cross = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
             self.cross_q = nn.Linear(width, width, bias=bias)

@@ -29,6 +29,16 @@ def _wide(*xs: Tensor) -> list[Tensor]:
     return [x.to(dtype) for x in xs]
 
 
+def weighted(weights: Tensor, *terms: Tensor) -> Tensor:
+    """``weights[0] * terms[0] + weights[1] * terms[1] + ...``, each weight in its term's dtype: how the
+    generated code sums a named loss. The weights are the model's ``loss_weights`` buffer (float64, so a
+    float64 model computes with the spec's exact numbers), which vectorized ensemble members hold apart."""
+    total = weights[0].to(terms[0].dtype) * terms[0]
+    for w, t in zip(weights[1:], terms[1:]):
+        total = total + w.to(t.dtype) * t
+    return total
+
+
 def nce(a: Tensor, b: Tensor, tau: float | Tensor = 0.07, both: bool = True) -> Tensor:
     """Softmax InfoNCE between row-aligned embeddings: row i of ``a`` should pick row i of ``b``.
 

@@ -11,9 +11,10 @@ import torch
 from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.runtime.train import TrainConfig, train
-from avdsl.runtime.train.ensemble import Member, train_ensemble
+from avdsl.runtime.encoder import Dropout
+from avdsl.runtime.train.ensemble import Member, Vectorized, train_ensemble
 from avdsl.runtime.trial import random_batch
-from avdsl.sweep import parse_grid, plan_sweep
+from avdsl.sweep import model_key, parse_grid, plan_sweep
 
 SMALL = ["--train-size", "16", "--val-size", "8", "--batch-size", "4", "--eval-every", "0", "--set", "train.eval_batches=2"]
 
@@ -99,6 +100,21 @@ def test_half_finished_sweep_resumes_and_skips_finished_runs(run_cli, tmp_path):
     assert second["points"][0] == first["points"][0]
 
 
+def test_jobs_train_units_in_processes_of_their_own_with_the_results_of_one_process(run_cli, tmp_path):
+    results = {}
+    for jobs in (1, 2):
+        args = ["sweep", "tiny/mbt", "--grid", "encoders.mbt.depth=1,2", "--steps", "2", "--jobs", str(jobs),
+                "--run-dir", str(tmp_path / f"jobs{jobs}"), "--json", *SMALL]
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        results[jobs] = json.loads(out)["points"]
+        for depth in (1, 2):
+            assert (tmp_path / f"jobs{jobs}" / f"encoders.mbt.depth={depth}-seed=0" / "summary.json").is_file()
+    for one, two in zip(results[1], results[2]):  # the same runs; 1 thread per process rounds differently
+        assert one["assignment"] == two["assignment"]
+        assert two["metrics"]["loss"]["mean"] == pytest.approx(one["metrics"]["loss"]["mean"], rel=1e-4)
+
+
 class _Items:
     """A small data set of random items of a model's inputs (fast to make, fixed by its seed)."""
 
@@ -127,13 +143,19 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
+HALF_FUSION = "losses.contrastive=nce(za, zv, tau=0.08) + 0.5 * nce(za, zf, tau=0.08) + 0.25 * nce(zv, zf, tau=0.08)"
+
+
 def test_ensemble_members_train_as_their_lone_runs(tmp_path):
-    analysis = analyse("tiny/zorro")  # no random operations: equal step for step
-    settings = [(0, 2e-3), (1, 5e-3)]  # members differ in seed (weights, data order) and learning rate
-    members = [_member(analysis.graph, s, lr, tmp_path / f"ens{s}") for s, lr in settings]
+    # no random operations: equal step for step. The members differ in seed (weights, data order),
+    # learning rate and loss weights (the model's `loss_weights` buffer, stacked like its parameters)
+    settings = [(0, 2e-3, []), (1, 5e-3, [HALF_FUSION])]
+    graphs = [analyse("tiny/zorro", sets).graph for _, _, sets in settings]
+    members = [_member(g, s, lr, tmp_path / f"ens{s}") for g, (s, lr, _) in zip(graphs, settings)]
+    assert members[1].model.loss_weights.tolist() == [1.0, 0.5, 0.25]
     summaries = train_ensemble(members)
-    for (seed, lr), member, summary in zip(settings, members, summaries):
-        lone = _member(analysis.graph, seed, lr, tmp_path / f"lone{seed}")
+    for graph, (seed, lr, _), member, summary in zip(graphs, settings, members, summaries):
+        lone = _member(graph, seed, lr, tmp_path / f"lone{seed}")
         train(lone.model, lone.train_set, lone.val_set, lone.config, lone.spec_text, lone.spec_hash, on_step=lambda *_: None)
         assert _losses(tmp_path / f"ens{seed}") == pytest.approx(_losses(tmp_path / f"lone{seed}"), rel=1e-4)
         # batched matmuls round differently; Adam's first steps move an element by about lr whatever its
@@ -142,6 +164,33 @@ def test_ensemble_members_train_as_their_lone_runs(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
         assert summary.final["loss"] == pytest.approx(json.loads((tmp_path / f"lone{seed}" / "summary.json").read_text())["final"]["loss"], rel=1e-4)
     assert _losses(tmp_path / "ens0") != pytest.approx(_losses(tmp_path / "ens1"))  # the members did differ
+
+
+def test_ensemble_members_drop_out_at_their_own_rates():
+    rates = (0.0, 0.5)
+    models = []
+    for rate in rates:
+        torch.manual_seed(0)  # the same weights: only the dropout rate differs
+        models.append(compile_graph(analyse("tiny/zorro", [f"encoders.backbone.dropout={rate}"]).graph).train())
+    batch = random_batch(models[0].inputs, 4, torch.Generator().manual_seed(0))
+    stacked = {k: torch.stack([v, v]) for k, v in batch.items()}
+    loss, _ = Vectorized(models)(stacked)
+    assert loss[0].item() == pytest.approx(models[0](**batch)["loss"].item(), rel=1e-5)  # rate 0: no dropout at all
+    assert loss[1].item() != pytest.approx(loss[0].item(), rel=1e-3)  # rate 0.5 drops, from the same weights
+    site = next(m for m in models[1].modules() if isinstance(m, Dropout))
+    assert site.per_member and site.rate.item() == 0.5
+    x = torch.ones(20000)
+    dropped = site(x)  # a member's own rate: about half the values zeroed, the rest scaled by 1 / (1 - 0.5)
+    assert set(dropped.unique().tolist()) == {0.0, 2.0} and (dropped == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_variants_differing_in_loss_weights_or_dropout_share_one_ensemble():
+    axis, = parse_grid(["losses.contrastive=0.5 * nce(za, zv, tau=0.08),nce(za, zv, tau=0.08)"])  # commas in calls stay
+    assert axis.values == ("0.5 * nce(za, zv, tau=0.08)", "nce(za, zv, tau=0.08)")
+    key = lambda *sets: model_key(analyse("tiny/zorro", list(sets)).graph)  # noqa: E731
+    assert key() == key("train.seed=3") == key(HALF_FUSION) == key("encoders.backbone.dropout=0.2")
+    assert key() != key("encoders.backbone.depth=1")  # another model
+    assert key() != key("losses.contrastive=nce(za, zv, tau=0.07) + nce(za, zf, tau=0.08) + nce(zv, zf, tau=0.08)")  # tau is code
 
 
 def test_ensemble_refuses_members_of_different_models(tmp_path):

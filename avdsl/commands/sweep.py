@@ -276,7 +276,7 @@ def sweep_command(
         options = {"steps": steps, "batch_size": batch_size, "compile": compile_, "eval_every": eval_every, "device": device,
                    "seed": v.seed, "run_dir": str(root / v.name), "resume": True}
         config = _config(v.train, options).to_dict()
-        v.group = group_key(v.analysis.doc.data, {**config, **sizes, "data": data}, MEMBER_SETTINGS + ("resume",))
+        v.group = group_key(v.analysis.graph, {**config, **sizes, "data": data}, MEMBER_SETTINGS + ("resume",))
         runs.append(Run(v, config, sizes))
         _status(runs[-1])
 

@@ -1,7 +1,9 @@
 """Several runs of one model as one vectorized computation (``torch.func``).
 
 Members share the model's code and parameter shapes and may differ in what an optimizer holds on its
-own: initial weights (their seed), learning rate, weight decay, warmup, minimum lr, clipping. Each
+own: initial weights (their seed), learning rate, weight decay, warmup, minimum lr, clipping; and in
+the model's two per-member buffers: loss weights (``loss_weights``, which the generated code reads)
+and dropout rates (`encoder.Dropout`, which then drops with each member's own rate). Each
 member keeps its own ``nn.Module`` (its parameters are the leaves), its own AdamW, scheduler, data
 order (its seed), run directory, metrics log, checkpoints and summary, in the same format as
 ``train`` writes, so ``avdsl eval``/``export``/``train --resume`` read them like any run. Per step the
@@ -20,8 +22,10 @@ data whose batches can differ in size between members (items that fail to load).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
+import tokenize
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,6 +36,7 @@ from torch.func import functional_call, vmap
 from torch.utils.data import Dataset
 
 from . import distributed
+from ..encoder import Dropout
 from .checkpoint import find_latest, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -58,8 +63,10 @@ class Member:
 
 
 def _body(code: str) -> str:
-    """Generated code without its header line (which names the spec file and hash)."""
-    return code.split("\n", 1)[-1]
+    """What generated code runs: its tokens without comments (the header names the spec file and
+    hash, and comments show values such as loss weights that members hold apart)."""
+    tokens = tokenize.generate_tokens(io.StringIO(code).readline)
+    return " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL))
 
 
 def check_members(members: list[Member]) -> None:
@@ -95,6 +102,12 @@ class Vectorized:
         self.params = [dict(m.named_parameters()) for m in models]
         self.buffers = [dict(m.named_buffers()) for m in models]
         self.vectorized = vmap(self._member, randomness=randomness)
+        # dropout sites whose rate differs between members: every member drops with its own rate
+        sites = [[m for m in model.modules() if isinstance(m, Dropout)] for model in models]
+        for same_site in zip(*sites):
+            if len({d.p for d in same_site}) > 1:
+                for d in same_site:
+                    d.per_member = True
 
     def _member(self, params: dict, buffers: dict, batch: dict):
         result = functional_call(self.base, (params, buffers), args=(), kwargs=batch)
