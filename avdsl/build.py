@@ -204,10 +204,11 @@ def _embed_stream(graph: Graph, spec: Spec, names: _Names, s, source: str | None
             continue
         op = ops.get(call.name, "drop", s.locs[key].shifted(call.col))
         args = ops.bind(op, call, s.locs[key])
-        if not 0.0 < args["rate"] < 1.0:
+        if not 0.0 <= args["rate"] < 1.0:
             raise SpecError(s.locs[key].shifted(args.cols.get("rate", 0)),
-                            f"{op.name} rate must be more than 0 and less than 1 (neither bound allowed), got {args['rate']}",
-                            f"a rate of 0 drops nothing and 1 drops every token; e.g. `{op.name}(0.5)` keeps half the tokens")
+                            f"{op.name} rate must be at least 0 and less than 1, got {args['rate']}",
+                            f"a rate of 1 would drop every token; e.g. `{op.name}(0.5)` keeps half the tokens; "
+                            f"`{op.name}(0)` keeps all of them, and `--set streams.{s.name}.{key}=null` removes the `{key}:`")
         if op.writes_mask != (key == "mask"):
             want = next(o.name for o in ops.of_category("drop") if o.writes_mask == (key == "mask"))
             raise SpecError(s.locs[key].shifted(call.col), f"`{key}:` takes {want}(rate), not {op.name}()",

@@ -6,8 +6,11 @@ tracebacks and ``torch.compile`` point at readable lines (``avdsl build --emit c
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import linecache
+from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -166,14 +169,79 @@ class CompiledModel(nn.Module):
         namespace = {alias: importlib.import_module(f"{__package__}.runtime.{module}")
                      for module, alias in codegen.RUNTIME_GLOBALS.items()}
         namespace["torch"] = torch
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        exec(compile(code, filename, "exec"), namespace)  # the generated forward, shown by --emit code
-        self._generated = namespace["forward"]
+        for name, text in ((filename, code), (f"{filename}:keeping", emitted.keeping_code)):
+            linecache.cache[name] = (len(text), None, text.splitlines(True), name)
+            exec(compile(text, name, "exec"), namespace)  # the forward --emit code shows, and its variant for `keep`
+        self._generated, self._generated_keeping = namespace["forward"], namespace["forward_keeping"]
+        # what `keep` can return: graph tensors, and each encoder output after each layer
+        self._tensor_names = tuple(codegen.kept_tensors(graph))
+        self._layer_names = layer_names(graph, emitted.attrs)
+        self._keep: tuple[dict, set] | None = None  # while in `keep`: (the dict it fills, the names it wants)
 
     def forward(self, **inputs):
         if self.arg_names:
             inputs = {self.arg_names.get(name, name): value for name, value in inputs.items()}
-        return self._generated(self, **inputs)
+        if self._keep is None:
+            return self._generated(self, **inputs)
+        return self._forward_keeping(inputs)
+
+    def _forward_keeping(self, inputs: dict) -> dict:
+        kept, wanted = self._keep
+        encoders = {attr for name, (attr, _) in self._layer_names.items() if name in wanted}
+        for attr in encoders:
+            getattr(self, attr).kept = {}
+        try:
+            result = self._generated_keeping(self, **inputs)
+            kept.update({name: value for name, value in result.pop("tensors").items() if name in wanted})
+            for name, (attr, key) in self._layer_names.items():
+                if name in wanted:
+                    kept[name] = getattr(self, attr).kept[key]
+        finally:
+            for attr in encoders:
+                getattr(self, attr).kept = None
+        return result
+
+
+def layer_names(graph: Graph, attrs: dict) -> dict[str, tuple[str, str]]:
+    """``ENCODER[.PASS].STREAM@LAYER`` -> (the encoder's module attribute, its key in the encoder's
+    ``kept``): every output stream of every pass after each of the pass's layers (0-based)."""
+    out = {}
+    for node in graph.of_type(EncoderNode):
+        for pname, plan in node.plans.items():
+            queries = dict.fromkeys(a.query for layer in plan.layers for a in layer.attends)
+            for s in queries:
+                key = f"{pname}.{s}" if pname else s
+                for li in range(len(plan.layers)):
+                    out[f"{node.id}.{key}@{li}"] = (attrs[node.id], f"{key}@{li}")
+    return out
+
+
+@contextmanager
+def keep(model: CompiledModel, names: Iterable[str]):
+    """Intermediate tensors by name. Within the block, each call of ``model`` also stores the named
+    tensors (those of the last call) in the dict the block yields::
+
+        with keep(model, ["unimodal.audio@3", "joint.av.a", "audio/kept"]) as kept:
+            model(**batch)
+        kept["unimodal.audio@3"]       # [B, N, D]
+
+    Names: any tensor `avdsl build --emit graph` lists (``audio/tokens``, ``audio.mask``,
+    ``joint.av.a``, ``out.audio_pred``...; not loss terms: the result's ``losses`` has the losses), and
+    ``ENCODER[.PASS].STREAM@LAYER``: an encoder output after layer LAYER (0-based, before the final
+    norm). The tensors are not detached. Outside the block the model runs its plain ``forward``."""
+    names = set(names)
+    known = set(model._tensor_names) | set(model._layer_names)
+    unknown = sorted(names - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; names: {', '.join(sorted(known)[:12])}..."
+        raise ValueError(f"no tensor named {', '.join(unknown)} in this model{hint}")
+    kept: dict = {}
+    model._keep = (kept, names)
+    try:
+        yield kept
+    finally:
+        model._keep = None
 
 
 def device_memory(device: str | torch.device | None) -> int:

@@ -13,6 +13,8 @@ MAX_SPEC_BYTES = 2_000_000  # a spec file, an `extends:` base, a checkpoint's sp
 MAX_MANIFEST_BYTES = 256_000_000  # a --data manifest (.csv / .jsonl)
 MAX_MANIFEST_ROWS = 5_000_000  # rows of a manifest
 MAX_JSON_BYTES = 1_000_000  # a checkpoint's meta.json
+MAX_IMPORT_BYTES = 16_000_000_000  # a reference checkpoint for `avdsl import` (an .npz: its arrays unpacked)
+MAX_IMPORT_TENSORS = 100_000  # named tensors in a reference checkpoint
 MAX_SHOWN_LINE_CHARS = 10_000  # of the source line quoted under a diagnostic, at most this much is read
 
 # ----------------------------------------------------------------------------- YAML structure

@@ -25,6 +25,7 @@ class Param:
     name: str
     kind: str  # "int" | "float" | "bool" | "name" | "ints" | "tensor"
     default: object = ...  # ... = required
+    keyword: bool = False  # given by name only (`norm=both`), never by position
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class OpDef:
     train_only: bool = False  # drops: only in training (the evaluation shape is the input's)
     writes_mask: bool = False  # drops: also writes the mask and restore ids (a stream's `mask:`)
     adds_nothing: bool = False  # positions: no node at all
+    # information flow, where rows of the output read different tensors: (args, sources of each tensor
+    # argument, their per-row sources or None) -> (the output's sources, its per-row sources or None)
+    rows: Callable | None = None
 
 
 class Bound(dict):
@@ -105,6 +109,7 @@ def bind(op: OpDef, call: ex.Call, loc: Loc) -> Bound:
         out[params[0].name] = tensors
         cols[params[0].name] = tensors[0].col
         positional, params = [], params[1:]
+    params = [p for p in params if not p.keyword]
     if len(positional) > len(params):
         extra = positional[len(params)]
         raise SpecError(loc.shifted(getattr(extra, "col", call.col)), f"{op.name}() takes {len(params)} arguments, got {len(positional)}",
@@ -141,7 +146,7 @@ def _convert(op: OpDef, p: Param, value, loc: Loc):
     if p.kind == "int":
         if not (isinstance(value, ex.Num) and float(value.value).is_integer()):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be a whole number", f"usage: {usage(op)}")
-        if value.value < 1 and p.name not in ("min",):
+        if value.value < 1 and p.name not in ("min", "index"):
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() must be at least 1, got {value.value}", f"usage: {usage(op)}")
         if value.value > MAX_SIZE:
             raise SpecError(loc, f"argument '{p.name}' of {op.name}() is {value.value}, more than the limit {MAX_SIZE}",
@@ -186,6 +191,7 @@ FLOAT_RANGES = {
     "tau": (0.0, 100.0, True, False),  # a temperature divides the logits
     "gamma": (0.0, 100.0, False, False),
     "label_smoothing": (0.0, 1.0, False, True),
+    "eps": (0.0, 1.0, True, False),  # a LayerNorm's epsilon
 }
 
 
@@ -288,8 +294,18 @@ def _patch_cost(window: Callable) -> Callable:
     def cost(b: Bound) -> OpCost:
         width, tokens = b.width, size_of(b.out[1])
         per = _channels(b) * window(b)
-        return OpCost(per * width + width, 0, 2 * tokens * per * width)
+        norm = b.get("norm", "none")
+        norms = (2 * per if norm in ("before", "both") else 0) + (2 * width if norm in ("after", "both") else 0)
+        # a LayerNorm costs about 5 FLOPs per value it normalises (its parameters are 2 per value)
+        return OpCost(per * width + width + norms, 0, 2 * tokens * per * width + 5 * tokens * norms // 2)
     return cost
+
+
+# the LayerNorms a patch tokenizer may put around its projection (`norm=`), with their epsilon
+TOKEN_NORMS = ("none", "before", "after", "both")
+_TOKEN_NORM_PARAMS = (Param("norm", "name", "none", keyword=True), Param("eps", "float", 1e-5, keyword=True))
+_TOKEN_NORM_DOC = (" `norm=before|after|both` puts a LayerNorm (weight and bias, epsilon `eps`) on the patch values before "
+                   "the projection, on the tokens after it, or both (the Zorro port's tokenizers).")
 
 
 def _embed_cost(b: Bound) -> OpCost:
@@ -349,23 +365,56 @@ def _pool_shape(b: Bound, loc: Loc) -> Shape:
 
 
 def _attnpool_shape(b: Bound, loc: Loc) -> Shape:
-    batch, width = _pool_shape(b, loc)
+    shapes = b["x"]
+    for s in shapes:
+        if len(s) not in (2, 3):
+            raise fail(loc, f"attnpool() attends to token tensors [B, N, D] (or one pooled token [B, D]), got a tensor "
+                       f"of shape {fmt(s)}", "pass encoder outputs like `backbone.audio`")
+    widths = {s[-1] for s in shapes}
+    if len(widths) > 1:
+        raise fail(loc, f"attnpool() attends to tensors of different widths {sorted(widths, key=str)}",
+                   "pool streams of one width, or project them to one width first")
+    batch, width = shapes[0][0], shapes[0][-1]
     if b["queries"] < 1 or b["heads"] < 1:
         raise fail(loc, f"attnpool() needs at least one query and one head, got queries={b['queries']}, heads={b['heads']}",
                    "e.g. `attnpool(backbone.audio, queries=1, heads=4)`")
     if width % b["heads"]:
         raise SpecError(loc, f"attnpool(): {b['heads']} heads do not divide the width {width}",
                         f"use heads that divide {width}, e.g. {', '.join(str(d) for d in divisors(width, b['heads']))}", code="H301")
+    if b["each"] and b["queries"] != len(shapes):
+        raise fail(loc, f"attnpool(each=true) has one query per tensor: {len(shapes)} tensors but queries={b['queries']}",
+                   f"write queries={len(shapes)}")
     return (batch, width) if b["queries"] == 1 else (batch, b["queries"], width)
 
 
 def _attnpool_cost(b: Bound) -> OpCost:
     """Learned queries, the query projection of each query, key and value projections of every token,
-    attention, and the output projection (`torch.nn.MultiheadAttention`)."""
+    attention, and the output projection (`torch.nn.MultiheadAttention`); the queries' LayerNorm."""
     d, q = b["x"][0][-1], b["queries"]
-    n = sum(size_of(s[1]) for s in b["x"])
-    params = q * d + 4 * d * d + 4 * d
+    n = sum(size_of(s[1]) if len(s) == 3 else 1 for s in b["x"])
+    norm = (2 * d if b["bias"] else d) if b["norm"] else 0
+    params = q * d + 4 * d * d + (4 * d if b["bias"] else 0) + norm
     return OpCost(params, 0, 2 * d * d * (2 * q + 2 * n) + 4 * q * n * d)
+
+
+def _attnpool_rows(args: dict, sources: list, rows: list) -> tuple:
+    """With ``each``, query i reads only the i-th tensor: its row depends on that tensor's sources."""
+    union = frozenset().union(*sources)
+    return (union, tuple(sources)) if args["each"] else (union, None)
+
+
+def _pick_rows(args: dict, sources: list, rows: list) -> tuple:
+    return (rows[0][args["index"]], None) if rows[0] is not None else (sources[0], None)
+
+
+def _pick_shape(b: Bound, loc: Loc) -> Shape:
+    x, name = b["x"], b.written.get("x", "x")
+    if len(x) != 3:
+        raise fail(loc, f"pick() takes one token of a tensor [B, N, D]; '{name}' is {fmt(x)}", "pick from tokens or several queries' pooling")
+    if isinstance(x[1], int) and b["index"] >= x[1]:
+        raise fail(loc, f"pick(): index {b['index']} is past the last of the {x[1]} tokens of '{name}' {fmt(x)}",
+                   f"use an index from 0 to {x[1] - 1}")
+    return (x[0], x[2])
 
 
 def _avg_shape(b: Bound, loc: Loc) -> Shape:
@@ -528,22 +577,25 @@ def _add(op: OpDef) -> None:
 
 # tokenizers (used in `streams.*.tokenizer`): the shape rule returns the token grid
 _add(OpDef("patch2d", "tokenizer", "Split an image or spectrogram into non-overlapping h x w patches, each linearly projected (ViT, AST); "
-           "`channels=3` repeats a one-channel spectrogram to 3 channels first (MBT's reference, for RGB-ViT weights).",
-           (T("h", "int"), T("w", "int"), T("channels", "int", 0)), input_kinds=("image", "fbank"),
+           "`channels=3` repeats a one-channel spectrogram to 3 channels first (MBT's reference, for RGB-ViT weights)."
+           + _TOKEN_NORM_DOC,
+           (T("h", "int"), T("w", "int"), T("channels", "int", 0), *_TOKEN_NORM_PARAMS), input_kinds=("image", "fbank"),
            shape=lambda b, loc: _grid(b, loc, b["x"][-2:], (b["h"], b["w"]),
                                       ("height", "width") if b.kind == "image" else ("time frames", "mel bins")),
-           cost=_patch_cost(lambda b: b["h"] * b["w"]),
-           module=lambda b: Runtime("embeddings.PatchEmbed2d", (_channels(b), b["h"], b["w"], b.width))))
-_add(OpDef("tubelet", "tokenizer", "Split a video into non-overlapping t x h x w tubelets, each linearly projected (ViViT, VATT, MBT).",
-           (T("t", "int"), T("h", "int"), T("w", "int")), input_kinds=("video",),
+           cost=_patch_cost(lambda b: b["h"] * b["w"]), choices={"norm": TOKEN_NORMS},
+           module=lambda b: Runtime("embeddings.PatchEmbed2d", (_channels(b), b["h"], b["w"], b.width, b["norm"], b["eps"]))))
+_add(OpDef("tubelet", "tokenizer", "Split a video into non-overlapping t x h x w tubelets, each linearly projected (ViViT, VATT, MBT)."
+           + _TOKEN_NORM_DOC,
+           (T("t", "int"), T("h", "int"), T("w", "int"), *_TOKEN_NORM_PARAMS), input_kinds=("video",),
            shape=lambda b, loc: _grid(b, loc, b["x"][-3:], (b["t"], b["h"], b["w"]), ("frames", "height", "width")),
-           cost=_patch_cost(lambda b: b["t"] * b["h"] * b["w"]),
-           module=lambda b: Runtime("embeddings.TubeletEmbed", (_channels(b), b["t"], b["h"], b["w"], b.width))))
-_add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping windows of k samples, each linearly projected (VATT's WaT).",
-           (T("k", "int"),), input_kinds=("waveform",),
+           cost=_patch_cost(lambda b: b["t"] * b["h"] * b["w"]), choices={"norm": TOKEN_NORMS},
+           module=lambda b: Runtime("embeddings.TubeletEmbed", (_channels(b), b["t"], b["h"], b["w"], b.width, b["norm"], b["eps"]))))
+_add(OpDef("wave1d", "tokenizer", "Split a raw waveform into non-overlapping windows of k samples, each linearly projected (VATT's WaT)."
+           + _TOKEN_NORM_DOC,
+           (T("k", "int"), *_TOKEN_NORM_PARAMS), input_kinds=("waveform",),
            shape=lambda b, loc: _grid(b, loc, b["x"][-1:], (b["k"],), ("samples",)),
-           cost=_patch_cost(lambda b: b["k"]),
-           module=lambda b: Runtime("embeddings.WaveEmbed", (b["k"], b.width))))
+           cost=_patch_cost(lambda b: b["k"]), choices={"norm": TOKEN_NORMS},
+           module=lambda b: Runtime("embeddings.WaveEmbed", (b["k"], b.width, b["norm"], b["eps"]))))
 _add(OpDef("embed", "tokenizer", "Look up token ids in an embedding table; with `dim`, embed at `dim` then project linearly to the width.",
            (T("vocab", "int"), T("dim", "int", 0), T("frozen", "bool", False)), input_kinds=("text",),
            shape=lambda b, loc: _grid(b, loc, b["x"][1:2], (1,), ("length",)), cost=_embed_cost,
@@ -571,16 +623,24 @@ _add(OpDef("dropmodality", "drop", "In training only, replace the whole stream o
            "one learned 'missing' token, repeated (modality dropout); the token count does not change.",
            (T("rate", "float"),), shape=lambda b, loc: tuple(b["x"]), cost=lambda b: OpCost(b["x"][-1]), train_only=True,
            module=lambda b: Runtime("embeddings.DropModality", (b["rate"], b["x"][-1]))))
-_add(OpDef("random_mask", "drop", "MAE masking: keep a random `1 - rate` fraction of tokens (always); records the mask for restore and losses.",
+_add(OpDef("random_mask", "drop", "MAE masking: keep a random `1 - rate` fraction of tokens (always); records the mask for restore and losses. "
+           "`random_mask(0)` keeps every token in place (an all-zero mask): masking off, `restore:` and masked losses still work.",
            (T("rate", "float"),), writes_mask=True, module=lambda b: Runtime("embeddings.RandomMask", (b["rate"], b["x"][1]))))
 # outputs: pooling, projections, heads
 _add(OpDef("mean", "pool", "Mean over tokens; several streams are pooled together as one sequence.", (T("x", "tensors"),),
            _pool_shape, function="heads.mean"))
 _add(OpDef("first", "pool", "The first token (a CLS or aggregation token).", (T("x", "tensors"),), _pool_shape, function="heads.first"))
 _add(OpDef("attnpool", "pool", "Attention pooling: `queries` learned query tokens attend to the tokens (several streams "
-           "as one sequence) with `heads` heads; one query gives [B, D], more give [B, queries, D] (CoCa, Zorro's port).",
-           (T("x", "tensors"), T("queries", "int", 1), T("heads", "int", 8)), _attnpool_shape, _attnpool_cost,
-           module=lambda b: Runtime("heads.AttentionPool", (b["x"][0][-1], b["queries"], b["heads"]))))
+           "as one sequence; a pooled [B, D] counts as one token) with `heads` heads; one query gives [B, D], more give "
+           "[B, queries, D] (CoCa, Zorro's port). `each=true`: query i attends to the i-th tensor only; `norm=true`: "
+           "the queries are LayerNorm-ed (epsilon `eps`) before their projection; `residual=true`: the queries are added "
+           "to the result; `bias=false`: no biases in the projections (nor in that LayerNorm).",
+           (T("x", "tensors"), T("queries", "int", 1), T("heads", "int", 8), T("each", "bool", False), T("norm", "bool", False),
+            T("residual", "bool", False), T("bias", "bool", True), T("eps", "float", 1e-5)), _attnpool_shape, _attnpool_cost,
+           module=lambda b: Runtime("heads.AttentionPool", (b["x"][0][-1], b["queries"], b["heads"], b["each"], b["norm"],
+                                                            b["residual"], b["bias"], b["eps"])), rows=_attnpool_rows))
+_add(OpDef("pick", "pool", "Token `index` (from 0) of [B, N, D] tokens, as [B, D] (e.g. one query of an `attnpool` with several).",
+           (T("x", "tensor"), T("index", "int")), _pick_shape, function="heads.pick", rows=_pick_rows))
 _add(OpDef("avg", "pool", "Element-wise mean of tensors of one shape (e.g. averaging per-modality logits).", (T("x", "tensors"),),
            _avg_shape, function="heads.avg", evaluates="average"))
 _add(OpDef("tokens", "pool", "The tokens of a stream, dropping `skip` leading ones (e.g. CLS).", (T("x", "tensor"), T("skip", "int", 0)),

@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from . import ops
 from .api import Analysis
 from .ir import DropNode, EncoderNode, LatentNode, TokenizeNode
 from .passes.cost import by_component, weight_set_params
@@ -52,7 +53,7 @@ def streams_table(analysis: Analysis) -> list[dict]:
             if getattr(node, "stream", None) != name:
                 continue
             if isinstance(node, TokenizeNode):
-                notes.append(f"{node.op}({', '.join(str(v) for v in node.args.values())})")
+                notes.append(_call_text(node.op, node.args))
             if isinstance(node, DropNode):
                 notes.append(f"{node.op}({node.rate})")
             if isinstance(node, LatentNode) and node.prepend:
@@ -95,6 +96,18 @@ def summarize(analysis: Analysis) -> dict:
         "outputs": {n: list(g.tensors[t].shape) for n, t in g.outputs.items()},
         "losses": list(g.losses),
     }
+
+
+def _call_text(name: str, args: dict) -> str:
+    """A tokenizer call as written: required arguments by position, others only where not the default."""
+    parts = []
+    for p in ops.OPS[name].params:
+        value = args.get(p.name, p.default)
+        if p.default is ...:
+            parts.append(str(value))
+        elif value != p.default:
+            parts.append(f"{p.name}={str(value).lower() if isinstance(value, bool) else value}")
+    return f"{name}({', '.join(parts)})"
 
 
 def render(summary: dict):

@@ -3,11 +3,13 @@
     python -m benchmarks.parity cav-mae --reference PATH [--timm PATH] [--size paper|small] [--batch 2] [--set K=V]
     python -m benchmarks.parity cav-mae-ft --reference PATH [--timm PATH] ...
     python -m benchmarks.parity mbt-cls --reference PATH [--jax PATH] ...        (see `benchmarks.parity_mbt`)
+    python -m benchmarks.parity zorro --reference PATH [--deps PATH] ...          (see `benchmarks.parity_zorro`)
     python -m benchmarks.parity mammut --reference PATH [--config B-32|L-14] ...  (see `benchmarks.parity_mammut`)
 
 Imports the reference model from PATH at run time (nothing of it is copied into avdsl), gives it
 random weights (norms and biases included), ports them into the avdsl model built from the spec
-with a name table (`CAV_MAE_WEIGHTS`: data, not code), feeds both the same inputs and the same
+with the mapping `avdsl import` uses (the data files runtime/formats/cav-mae.yaml and
+cav-mae-ft.yaml), feeds both the same inputs and the same
 masking noise, and prints the relative difference of every compared tensor in float64 and float32:
 ``max |avdsl - reference| / max |reference|``. Exit code 0 when every tensor is within the targets
 (1e-12 in float64, 1e-5 in float32), 1 otherwise.
@@ -40,75 +42,15 @@ import torch
 
 from avdsl.api import analyse_text
 from avdsl.compiler import compile_graph
+from avdsl.runtime import porting
 from avdsl.runtime.embeddings import given_noise
 
 TARGETS = {torch.float64: 1e-12, torch.float32: 1e-5}
 
-# ------------------------------------------------------------------------------ weight name tables
-# (avdsl name, reference name, how): ``{i}`` runs over the layers of the block list named in the
-# reference name; ``how`` is "copy", "kernel_t" (a Conv2d kernel with its two spatial axes swapped)
-# or "values_t" (output rows whose 16 x 16 patch values are transposed, with the bias).
-CAV_MAE_WEIGHTS = (
-    ("audio_tokenize.proj.weight", "patch_embed_a.proj.weight", "kernel_t"),
-    ("audio_tokenize.proj.bias", "patch_embed_a.proj.bias", "copy"),
-    ("audio_type.embedding", "modality_a", "copy"),
-    ("video_tokenize.proj.weight", "patch_embed_v.proj.weight", "copy"),
-    ("video_tokenize.proj.bias", "patch_embed_v.proj.bias", "copy"),
-    ("video_type.embedding", "modality_v", "copy"),
-    *((f"unimodal.blocks.{s}.{{i}}.{a}.{w}", f"blocks_{r}.{{i}}.{b}.{w}", "copy")
-      for s, r in (("audio", "a"), ("video", "v"))
-      for a, b in (("norm1.all", "norm1"), ("norm2.all", "norm2"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
-                   ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
-      for w in ("weight", "bias")),
-    *((f"joint.blocks.shared.{{i}}.{a}.{w}", f"blocks_u.{{i}}.{b}.{w}", "copy")
-      for a, b in (("norm1.audio", "norm1_a"), ("norm1.video", "norm1_v"), ("norm1.av", "norm1"),
-                   ("norm2.audio", "norm2_a"), ("norm2.video", "norm2_v"), ("norm2.av", "norm2"),
-                   ("qkv", "attn.qkv"), ("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
-      for w in ("weight", "bias")),
-    *((f"joint.final.shared.{a}.{w}", f"{b}.{w}", "copy")
-      for a, b in (("audio", "norm_a"), ("video", "norm_v"), ("av", "norm")) for w in ("weight", "bias")),
-    ("decoder_audio_from.weight", "decoder_embed.weight", "copy"),
-    ("decoder_audio_from.bias", "decoder_embed.bias", "copy"),
-    ("decoder_audio_restore.mask_token", "mask_token", "copy"),
-    ("decoder_audio_type.embedding", "decoder_modality_a", "copy"),
-    ("decoder_video_type.embedding", "decoder_modality_v", "copy"),
-    *((f"decoder.blocks.shared.{{i}}.{a}.{w}", f"decoder_blocks.{{i}}.{b}.{w}", "copy")
-      for a, b in (("norm1.all", "norm1"), ("norm2.all", "norm2"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
-                   ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
-      for w in ("weight", "bias")),
-    *((f"decoder.final.shared.all.{w}", f"decoder_norm.{w}", "copy") for w in ("weight", "bias")),
-    ("out_audio_pred.weight", "decoder_pred_a.weight", "values_t"),
-    ("out_audio_pred.bias", "decoder_pred_a.bias", "values_t"),
-    ("out_video_pred.weight", "decoder_pred_v.weight", "copy"),
-    ("out_video_pred.bias", "decoder_pred_v.bias", "copy"),
-)
-# fixed sin-cos tables: each side builds its own; compared, not ported ("tokens_t": audio token order)
-CAV_MAE_TABLES = (
-    ("audio_position.pos", "pos_embed_a", "tokens_t"),
-    ("video_position.pos", "pos_embed_v", "copy"),
-    ("decoder_audio_position.pos", "decoder_pos_embed_a", "tokens_t"),
-    ("decoder_video_position.pos", "decoder_pos_embed_v", "copy"),
-)
-# reference tensors its forward never reads: the per-modality LayerNorms its Block builds in every
-# modality-specific and decoder layer (only the joint layer uses them)
-CAV_MAE_UNUSED = r"(blocks_[av]|decoder_blocks)\.\d+\.norm[12]_[av]\.(weight|bias)"
+# ------------------------------------------------------------------------------ weight mappings
+# The weights are ported by the formats of `avdsl import` (data: runtime/formats/cav-mae.yaml and
+# cav-mae-ft.yaml, applied by avdsl.runtime.porting), so the parity check and the import are one mapping.
 
-# the fine-tuning model CAVMAEFT in its default "multimodal" mode: the encoder without masking, the
-# joint layer once over both modalities with its shared norms, mean pooling, LayerNorm, linear
-CAV_MAE_FT_WEIGHTS = (
-    *(row for row in CAV_MAE_WEIGHTS[:6]),
-    *(row for row in CAV_MAE_WEIGHTS if row[0].startswith("unimodal.")),
-    *((f"joint.blocks.shared.{{i}}.{a}.{w}", f"blocks_u.{{i}}.{b}.{w}", "copy")
-      for a, b in (("norm1.all", "norm1"), ("norm2.all", "norm2"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
-                   ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
-      for w in ("weight", "bias")),
-    *((f"joint.final.shared.all.{w}", f"norm.{w}", "copy") for w in ("weight", "bias")),
-    *((f"out_logits_1.{w}", f"mlp_head.0.{w}", "copy") for w in ("weight", "bias")),
-    *((f"out_logits.{w}", f"mlp_head.1.{w}", "copy") for w in ("weight", "bias")),
-)
-CAV_MAE_FT_TABLES = CAV_MAE_TABLES[:2]
-# in "multimodal" mode the per-modality norms of every layer and the final norms norm_a, norm_v go unused
-CAV_MAE_FT_UNUSED = r"(blocks_[avu]\.\d+\.norm[12]_[av]|norm_[av])\.(weight|bias)"
 CAV_MAE_FT_SPEC = """\
 avdsl: 1
 name: cav-mae-ft
@@ -216,6 +158,16 @@ def swap_order(rows: int, cols: int) -> torch.Tensor:
     return torch.arange(rows * cols).view(rows, cols).T.reshape(-1)
 
 
+def port(format_name: str, model, reference_state: dict) -> porting.Ported:
+    """avdsl state from the reference state by the import format ``format_name``; every avdsl tensor set
+    once and every reference tensor used once (or known to be fixed or unused), or an error that lists
+    what is missing or left over."""
+    try:
+        return porting.port(porting.load_format(format_name), reference_state, model.state_dict())
+    except porting.PortError as e:
+        raise SystemExit(f"port incomplete:\n{e}") from None
+
+
 def expand(table, reference_keys) -> list[tuple[str, object, str]]:
     """The table with ``{i}`` replaced by every layer index the reference has (``{i*N}`` in an avdsl
     name: N times it, for a reference list that holds every N-th layer). A reference entry is one
@@ -239,9 +191,10 @@ class Ported:
     unused: list  # reference tensors the reference's forward never reads
 
 
-def port(model, reference_state: dict, table, tables, unused_pattern: str, transforms: dict) -> Ported:
+def port_table(model, reference_state: dict, table, tables, unused_pattern: str, transforms: dict, own_pattern: str = r"$^") -> Ported:
     """avdsl state from the reference state; every avdsl tensor set once and every reference tensor
-    used once (or known to be unused), or an error that lists what is missing or left over."""
+    used once (or known to be unused), or an error that lists what is missing or left over. avdsl
+    tensors matching ``own_pattern`` have no counterpart in the reference and keep their own values."""
     ours = model.state_dict()
     rows = expand(table, reference_state)
     state, used = {}, set()
@@ -258,13 +211,14 @@ def port(model, reference_state: dict, table, tables, unused_pattern: str, trans
         state[name] = value
         used.update(names)
     compared = {name for name, _, _ in tables}
-    missing = sorted(set(ours) - set(state) - compared)
+    kept = {k for k in ours if re.fullmatch(own_pattern, k)}
+    missing = sorted(set(ours) - set(state) - compared - kept)
     left = sorted(k for k in set(reference_state) - used - {t for _, t, _ in tables} if not re.fullmatch(unused_pattern, k))
     if missing or left:
         raise SystemExit("port incomplete:\n  avdsl tensors not set: " + ", ".join(missing or ["none"])
                          + "\n  reference tensors left over: " + ", ".join(left or ["none"]))
-    for name in compared:
-        state[name] = ours[name]  # each side's own table
+    for name in compared | kept:
+        state[name] = ours[name]  # each side's own table; avdsl's own tensors
     return Ported(state, sorted(k for k in reference_state if re.fullmatch(unused_pattern, k)))
 
 
@@ -313,9 +267,7 @@ class Case:
     title: str
     build_reference: object  # (module, sizes) -> reference model
     spec: str  # spec text at paper size; SMALL_TEXT replaces its sizes for --size small
-    weights: tuple
-    tables: tuple
-    unused: str
+    format: str  # the `avdsl import` format that ports the reference's weights
     compare: object  # (ref, model, audio, imgs, layout, seed) -> {tensor name: relative difference}
     small_spec: str = ""
 
@@ -331,12 +283,7 @@ class Layout:
 
 def layout_for(frames: int) -> Layout:
     tokens_t, values_t = swap_order(128 // 16, frames // 16), swap_order(16, 16)
-    return Layout(tokens_t, values_t, {
-        "copy": lambda t: t.clone(),
-        "kernel_t": lambda t: t.transpose(-1, -2).contiguous(),
-        "values_t": lambda t: t[values_t].clone(),
-        "tokens_t": lambda t: t[:, tokens_t].clone(),
-    })
+    return Layout(tokens_t, values_t, {"tokens_t": lambda t: t[:, tokens_t].clone()})
 
 
 def run_case(case: Case, args) -> int:
@@ -360,7 +307,7 @@ def run_case(case: Case, args) -> int:
                 p.add_(0.1 * torch.randn_like(p))
     frames, img = sizes.get("audio_length", 1024), sizes.get("img_size", 224)
     layout = layout_for(frames)
-    ported = port(model, ref.state_dict(), case.weights, case.tables, case.unused, layout.transforms)
+    ported = port(case.format, model, ref.state_dict())
     model.load_state_dict(ported.state)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -376,7 +323,7 @@ def run_case(case: Case, args) -> int:
             results.setdefault(name, {})[dtype] = value
     print(f"{case.title} ({args.size} size, batch {args.batch}) vs {args.reference}: "
           f"max |avdsl - reference| / max |reference|")
-    print(f"  ported {len(ported.state) - len(case.tables)} tensors; {len(ported.unused)} reference "
+    print(f"  ported {len(ported.state) - len(ported.fixed)} tensors; {len(ported.unused)} reference "
           f"tensors are never read by this forward (per-modality LayerNorms the reference builds but does not use here)")
     return report(results)
 
@@ -478,12 +425,11 @@ def compare_cav_mae_ft(ref, model, audio, imgs, layout: Layout, seed: int) -> di
 CASES = {
     "cav-mae": Case("CAV-MAE pretraining (CAVMAE)",
                     lambda m, sizes: m.CAVMAE(norm_pix_loss=True, **sizes),
-                    PAPER_SPEC, CAV_MAE_WEIGHTS, CAV_MAE_TABLES, CAV_MAE_UNUSED, compare_cav_mae, SMALL_SPEC),
+                    PAPER_SPEC, "cav-mae", compare_cav_mae, SMALL_SPEC),
     "cav-mae-ft": Case("CAV-MAE fine-tuning (CAVMAEFT, multimodal)",
                        lambda m, sizes: m.CAVMAEFT(label_dim=527, **{k: v for k, v in sizes.items()
                                                                         if not k.startswith("decoder")}),
-                       ft_spec(1024, 224, 768, 12), CAV_MAE_FT_WEIGHTS, CAV_MAE_FT_TABLES, CAV_MAE_FT_UNUSED,
-                       compare_cav_mae_ft, ft_spec(SMALL["audio_length"], SMALL["img_size"], SMALL["embed_dim"],
+                       ft_spec(1024, 224, 768, 12), "cav-mae-ft", compare_cav_mae_ft, ft_spec(SMALL["audio_length"], SMALL["img_size"], SMALL["embed_dim"],
                                                    SMALL["num_heads"])),
 }
 
@@ -491,12 +437,13 @@ CASES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls", "mammut"]))
+    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls", "zorro", "mammut"]))
     parser.add_argument("--reference", required=True, help="root of your checkout of the reference repository")
     parser.add_argument("--timm", help="cav-mae: folder holding the timm version the reference needs (pip install --target)")
     parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
+    parser.add_argument("--deps", help="zorro: folder holding the port's imports einops and beartype (pip install --target)")
     parser.add_argument("--size", choices=["paper", "small"], default="paper",
-                        help="paper: the shipped spec as it is; small: a CPU-friendly size (cav-mae: width 64 and 256 frames)")
+                        help="paper: the shipped spec as it is; small: width 64 and short inputs, quick on a CPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the avdsl spec, as `avdsl build --set` (e.g. to see what a choice costs)")
     parser.add_argument("--config", choices=["B-32", "L-14"], default="B-32",
@@ -515,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         from .parity_mbt import mbt_cls
 
         return mbt_cls(args)
+    if args.model == "zorro":
+        from .parity_zorro import zorro
+
+        return zorro(args)
     return run_case(CASES[args.model], args)
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from avdsl.api import analyse_text
 from avdsl.compiler import compile_graph
 
-from .parity import Capture, default_dtype, port, relative, report
+from .parity import Capture, default_dtype, port_table, relative, report
 
 # ------------------------------------------------------------------------------ weight name tables
 # (avdsl name, reference name, how); ``{i}`` runs over the reference's layers, ``{i*2}`` is the
@@ -263,7 +263,7 @@ def mammut(args) -> int:
     ref = build_reference(mammut_model, size, config).eval()
     randomise(ref)
     model = compile_graph(analyse_text(spec_text(size, config), "<parity>", args.set).graph).eval()
-    ported = port(model, ref.state_dict(), config["weights"], (), MAMMUT_UNUSED, TRANSFORMS)
+    ported = port_table(model, ref.state_dict(), config["weights"], (), MAMMUT_UNUSED, TRANSFORMS)
     model.load_state_dict(ported.state)
 
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -15,8 +15,9 @@ not installed.
 The spec is `mbt-cls` (the paper's per-modality CLS head; scenic's ``classifier: token``): scenic at
 its current revision cannot build the `gap` classifier together with bottlenecks (its bottleneck
 width is only set on the token path). Weights: scenic's random init, LayerNorm scales, all biases,
-the CLS tokens and the zero-initialised classifier randomised as well, ported by `MBT_WEIGHTS`
-(flax kernels transposed, the separate Q, K, V projections concatenated).
+the CLS tokens and the zero-initialised classifier randomised as well, ported by the format `mbt` of
+`avdsl import` (runtime/formats/mbt.yaml: flax kernels transposed, the separate Q, K, V projections
+concatenated).
 """
 from __future__ import annotations
 
@@ -32,55 +33,8 @@ from avdsl.api import analyse_text
 
 from .parity import Capture, default_dtype, port, relative, report
 
-# (avdsl name, scenic parameter path or tuple of paths, how); encoderblock_{i}_spectrogram is audio
-_BLOCK = (
-    ("norm1.all.weight", "LayerNorm_0/scale", "copy"),
-    ("norm1.all.bias", "LayerNorm_0/bias", "copy"),
-    ("norm2.all.weight", "LayerNorm_1/scale", "copy"),
-    ("norm2.all.bias", "LayerNorm_1/bias", "copy"),
-    ("qkv.weight", tuple(f"MultiHeadDotProductAttention_0/{n}/kernel" for n in ("query", "key", "value")), "qkv_kernel"),
-    ("qkv.bias", tuple(f"MultiHeadDotProductAttention_0/{n}/bias" for n in ("query", "key", "value")), "qkv_bias"),
-    ("proj.weight", "MultiHeadDotProductAttention_0/out/kernel", "out_kernel"),
-    ("proj.bias", "MultiHeadDotProductAttention_0/out/bias", "copy"),
-    ("fc1.weight", "MlpBlock_0/Dense_0/kernel", "dense"),
-    ("fc1.bias", "MlpBlock_0/Dense_0/bias", "copy"),
-    ("fc2.weight", "MlpBlock_0/Dense_1/kernel", "dense"),
-    ("fc2.bias", "MlpBlock_0/Dense_1/bias", "copy"),
-)
-
-
-def _block_rows(ours: str, theirs: str):
-    def at(name):
-        return tuple(f"{theirs}/{n}" for n in name) if isinstance(name, tuple) else f"{theirs}/{name}"
-    return tuple((f"{ours}.{a}", at(b), how) for a, b, how in _BLOCK)
-
-
-MBT_WEIGHTS = (
-    ("audio_tokenize.proj.weight", "embedding_spectrogram/kernel", "conv2d"),
-    ("audio_tokenize.proj.bias", "embedding_spectrogram/bias", "copy"),
-    ("video_tokenize.proj.weight", "embedding/kernel", "conv3d"),
-    ("video_tokenize.proj.bias", "embedding/bias", "copy"),
-    ("audio_cls.tokens", "clsspectrogram", "copy"),
-    ("video_cls.tokens", "cls", "copy"),
-    ("audio_position.pos", "Transformer/posembed_input_spectrogram/pos_embedding", "copy"),
-    ("video_position.pos", "Transformer/posembed_input/pos_embedding", "copy"),
-    ("bottleneck_latent.tokens", "bottleneck", "copy"),
-    *_block_rows("mbt.blocks.audio.{i}", "Transformer/encoderblock_{i}_spectrogram"),
-    *_block_rows("mbt.blocks.video.{i}", "Transformer/encoderblock_{i}"),
-    ("mbt.final.shared.all.weight", "Transformer/encoder_norm/scale", "copy"),
-    ("mbt.final.shared.all.bias", "Transformer/encoder_norm/bias", "copy"),
-    ("out_logits_audio.weight", "output_projection/kernel", "dense"),
-    ("out_logits_audio.bias", "output_projection/bias", "copy"),
-)
-TRANSFORMS = {
-    "copy": lambda t: t.clone(),
-    "dense": lambda k: k.T.contiguous(),  # flax [in, out] -> torch [out, in]
-    "conv2d": lambda k: k.permute(3, 2, 0, 1).contiguous(),  # [h, w, in, out] -> [out, in, h, w]
-    "conv3d": lambda k: k.permute(4, 3, 0, 1, 2).contiguous(),  # [t, h, w, in, out] -> [out, in, t, h, w]
-    "qkv_kernel": lambda *ks: torch.cat([k.reshape(k.shape[0], -1).T for k in ks], dim=0),  # [D, H, hd] each
-    "qkv_bias": lambda *bs: torch.cat([b.reshape(-1) for b in bs]),
-    "out_kernel": lambda k: k.reshape(-1, k.shape[-1]).T.contiguous(),  # [H, hd, D] -> [D, H*hd]
-}
+# the weights are ported by `avdsl import`'s format `mbt` (data: runtime/formats/mbt.yaml, applied by
+# avdsl.runtime.porting), so the parity check and the import are one mapping
 
 PAPER = {"frames": 800, "bins": 128, "video": (32, 224), "width": 768, "depth": 12, "heads": 12, "classes": 527,
          "fusion_layer": 8}
@@ -155,7 +109,7 @@ def mbt_cls(args) -> int:
     params = _randomised(params, np.random.RandomState(args.seed))
     flat = {"/".join(p.key for p in path): torch.from_numpy(np.asarray(v, dtype=np.float64))
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    ported = port(model, flat, MBT_WEIGHTS, (), r"$^", TRANSFORMS)
+    ported = port("mbt", model, flat)
     model.load_state_dict(ported.state)
 
     results: dict[str, dict] = {}

@@ -7,45 +7,90 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class PatchEmbed2d(nn.Module):
+class _PatchNorms(nn.Module):
+    """A patch projection with optional LayerNorms around it: ``norm`` is none, before (on the patch
+    values), after (on the tokens) or both. The projection stays a convolution kernel (the same weights
+    with or without norms); with a norm before it, the patches are cut out, normalised and multiplied
+    by the flattened kernel, whose value order (channel, then each patch axis) they share."""
+
+    def _norms(self, values: int, width: int, norm: str, eps: float) -> None:
+        self.norm_before = nn.LayerNorm(values, eps=eps) if norm in ("before", "both") else None
+        self.norm_after = nn.LayerNorm(width, eps=eps) if norm in ("after", "both") else None
+
+    def _project(self, x: torch.Tensor, patches) -> torch.Tensor:
+        """``x`` [B, C, *spatial] -> tokens [B, N, D]; ``patches(x)`` cuts it into [B, N, C * window]."""
+        if self.norm_before is None:
+            tokens = self.proj(x).flatten(2).transpose(1, 2)
+        else:
+            weight = self.proj.weight.flatten(1)
+            tokens = F.linear(self.norm_before(patches(x)), weight, self.proj.bias)
+        return tokens if self.norm_after is None else self.norm_after(tokens)
+
+
+def cut_patches(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Non-overlapping windows of ``x`` [B, C, *spatial] as rows [B, N, C * prod(sizes)]: windows in
+    row-major grid order, values in (channel, window axes) order, as a strided convolution reads them."""
+    batch, channels, *spatial = x.shape
+    grid = [n // s for n, s in zip(spatial, sizes)]
+    view = [batch, channels]
+    for g, s in zip(grid, sizes):
+        view += [g, s]
+    k = len(sizes)
+    order = [0, *(2 + 2 * i for i in range(k)), 1, *(3 + 2 * i for i in range(k))]
+    rows = 1
+    for g in grid:
+        rows *= g
+    return x.reshape(view).permute(order).reshape(batch, rows, -1)
+
+
+class PatchEmbed2d(_PatchNorms):
     """Non-overlapping h x w patches of an image [B, C, H, W] or spectrogram [B, T, F], projected to D.
     A spectrogram is one channel; with ``channels`` > 1 it is repeated to that many channels first
-    (MBT's reference feeds spectrograms as 3-channel images to reuse RGB ViT patch weights)."""
+    (MBT's reference feeds spectrograms as 3-channel images to reuse RGB ViT patch weights).
+    ``norm``: LayerNorms around the projection (see `_PatchNorms`)."""
 
-    def __init__(self, channels: int, h: int, w: int, width: int):
+    def __init__(self, channels: int, h: int, w: int, width: int, norm: str = "none", eps: float = 1e-5):
         super().__init__()
-        self.channels = channels
+        self.channels, self.size = channels, (h, w)
         self.proj = nn.Conv2d(channels, width, kernel_size=(h, w), stride=(h, w))
+        self._norms(channels * h * w, width, norm, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(1).expand(-1, self.channels, -1, -1)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self._project(x, lambda v: cut_patches(v, self.size))
 
 
-class TubeletEmbed(nn.Module):
-    """Non-overlapping t x h x w tubelets of a video [B, C, T, H, W], projected to D."""
+class TubeletEmbed(_PatchNorms):
+    """Non-overlapping t x h x w tubelets of a video [B, C, T, H, W], projected to D. ``norm``:
+    LayerNorms around the projection (see `_PatchNorms`)."""
 
-    def __init__(self, channels: int, t: int, h: int, w: int, width: int):
+    def __init__(self, channels: int, t: int, h: int, w: int, width: int, norm: str = "none", eps: float = 1e-5):
         super().__init__()
+        self.size = (t, h, w)
         self.proj = nn.Conv3d(channels, width, kernel_size=(t, h, w), stride=(t, h, w))
+        self._norms(channels * t * h * w, width, norm, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self._project(x, lambda v: cut_patches(v, self.size))
 
 
-class WaveEmbed(nn.Module):
-    """Non-overlapping windows of k raw samples [B, S], projected to D (a strided Conv1d)."""
+class WaveEmbed(_PatchNorms):
+    """Non-overlapping windows of k raw samples [B, S], projected to D (a strided Conv1d). ``norm``:
+    LayerNorms around the projection (see `_PatchNorms`)."""
 
-    def __init__(self, k: int, width: int):
+    def __init__(self, k: int, width: int, norm: str = "none", eps: float = 1e-5):
         super().__init__()
+        self.size = (k,)
         self.proj = nn.Conv1d(1, width, kernel_size=k, stride=k)
+        self._norms(k, width, norm, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.unsqueeze(1)).transpose(1, 2)
+        return self._project(x.unsqueeze(1), lambda v: cut_patches(v, self.size))
 
 
 class TextEmbed(nn.Module):
@@ -171,12 +216,16 @@ def keep_random(x: torch.Tensor, keep: int, generator: torch.Generator | None = 
 
     The tokens with the ``keep`` smallest values of ``noise`` [B, N] are kept, smallest first; without
     ``noise`` it is drawn uniform in [0, 1) (from ``generator`` if given). Given noise makes the mask
-    reproducible, e.g. the one a reference implementation drew."""
+    reproducible, e.g. the one a reference implementation drew. Keeping every token (a rate of 0)
+    returns ``x`` itself with an all-zero mask and the identity ``ids_restore``, noise or not."""
     b, n, d = x.shape
     if noise is None:
         noise = torch.rand(b, n, device=x.device, generator=generator)
     elif tuple(noise.shape) != (b, n):
         raise ValueError(f"mask noise must have shape [batch, tokens] = [{b}, {n}], got {list(noise.shape)}")
+    if keep >= n:  # a rate of 0: every token, in place (no shuffle), and nothing masked
+        ids = torch.arange(n, device=x.device).expand(b, n)
+        return x, torch.zeros(b, n, device=x.device, dtype=x.dtype), ids
     ids_shuffle = torch.argsort(noise.to(x.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]

@@ -43,6 +43,9 @@ class LayerSizes(NamedTuple):
     mlp_dim: int
 
 
+GATES = {"geglu": F.gelu, "swiglu": F.silu}  # gated MLP activations -> the function of the gate half
+
+
 class Dropout(nn.Module):
     """``nn.Dropout`` whose rate is also a buffer. A lone model drops with its fixed rate
     (``F.dropout``); the members of a vectorized ensemble (`avdsl.runtime.train.ensemble`) may differ
@@ -88,7 +91,7 @@ class Block(nn.Module):
             self.qkv = nn.Linear(width, 3 * width, bias=bias)
             self.proj = nn.Linear(width, width, bias=bias)
         self.norm2 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
-        inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
+        inner = 2 * mlp_dim if activation in GATES else mlp_dim  # a gated MLP: gate half, then value half
         self.fc1 = nn.Linear(width, inner, bias=bias)
         self.fc2 = nn.Linear(mlp_dim, width, bias=bias)
         self.drop = Dropout(dropout)
@@ -109,9 +112,9 @@ class Block(nn.Module):
 
     def _feed_forward(self, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
         h = fc1(x)
-        if self.activation == "geglu":
-            a, b = h.chunk(2, dim=-1)
-            h = F.gelu(a) * b
+        if self.activation in GATES:
+            gate, value = h.chunk(2, dim=-1)
+            h = GATES[self.activation](gate) * value
         elif self.activation == "relu":
             h = F.relu(h)
         elif self.activation == "gelu_tanh":  # the tanh approximation (flax's nn.gelu default)
@@ -291,6 +294,10 @@ class StreamTransformer(nn.Module):
         elif final_norm:
             for ws, size in sizes.items():
                 self.final[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(size.width, eps=eps, bias=bias) for p in norm_sets})
+        # per pass, the streams it updates; with ``kept`` a dict (see `avdsl.compiler.keep`), forward
+        # stores each of them after every layer under "pass.stream@layer" ("stream@layer" without passes)
+        self.updates = {p: tuple(dict.fromkeys(a.query for layer in layers for a in layer)) for p, layers in self.plans.items()}
+        self.kept: dict | None = None
         # which weight set's final norm applies to a stream: the last one that updated it; its pre-norm: the first
         self.final_of, self.first_of = {}, {}
         for p, layers in self.plans.items():
@@ -319,6 +326,8 @@ class StreamTransformer(nn.Module):
                 x = self.layer(pname, li, layer, x)
                 for a in layer:
                     updated.setdefault(a.query)
+                if self.kept is not None:
+                    self.kept.update({f"{pname}.{s}@{li}" if pname else f"{s}@{li}": x[s] for s in self.updates[pname]})
             nk = self.norm_of[pname]
             for s in updated:
                 y = x[s]

@@ -49,18 +49,37 @@ class BatchNorm(nn.Module):
 
 class AttentionPool(nn.Module):
     """Attention pooling: learned query tokens attend to the tokens of one or more streams (as one
-    sequence). One query returns [B, D]; several return [B, queries, D]."""
+    sequence; a pooled [B, D] tensor is one token). One query returns [B, D]; several return
+    [B, queries, D]. ``each``: query i attends to the i-th tensor only. ``norm``: the queries are
+    LayerNorm-ed before their projection (a pre-norm cross-attention; keys and values are not);
+    ``residual``: the (un-normalised) queries are added to the result; ``bias``: biases in the
+    projections and in that LayerNorm."""
 
-    def __init__(self, width: int, queries: int, heads: int):
+    def __init__(self, width: int, queries: int, heads: int, each: bool = False, norm: bool = False,
+                 residual: bool = False, bias: bool = True, eps: float = 1e-5):
         super().__init__()
+        self.each, self.residual = each, residual
         self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)
-        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width, eps=eps, bias=bias) if norm else nn.Identity()
+        self.attention = nn.MultiheadAttention(width, heads, bias=bias, batch_first=True)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        x = torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]
+        parts = [x.unsqueeze(1) if x.dim() == 2 else x for x in xs]
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        mask = None
+        if self.each:  # True where query i may not attend: every token outside the i-th tensor
+            owner = torch.cat([torch.full((p.shape[1],), i, device=x.device) for i, p in enumerate(parts)])
+            mask = owner.unsqueeze(0) != torch.arange(len(parts), device=x.device).unsqueeze(1)
         q = self.queries.to(x.dtype).expand(x.shape[0], -1, -1)
-        y = self.attention(q, x, x, need_weights=False)[0]
+        y = self.attention(self.norm(q), x, x, attn_mask=mask, need_weights=False)[0]
+        if self.residual:
+            y = y + q
         return y[:, 0] if y.shape[1] == 1 else y
+
+
+def pick(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Token ``index`` of [B, N, D] tokens, as [B, D]."""
+    return x[:, index]
 
 
 class MLP(nn.Module):

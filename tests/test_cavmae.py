@@ -260,3 +260,16 @@ def test_float64_runs_in_float64_losses_included():
     out = model(**batch)
     assert out["loss"].dtype == torch.float64
     assert all(v.dtype == torch.float64 for v in out["losses"].values())
+
+
+def test_random_mask_zero_keeps_every_token_in_place():
+    x = torch.randn(2, 10, 3)
+    kept, mask, ids = E.RandomMask(0.0, 10)(x, noise=torch.rand(2, 10))
+    assert torch.equal(kept, x) and not mask.any() and torch.equal(ids, torch.arange(10).expand(2, 10))
+    overrides = ["streams.audio.mask=random_mask(0)", "streams.video.mask=random_mask(0.0)"]
+    model = compile_graph(analyse("tiny/cav-mae", overrides).graph).eval()
+    batch = random_batch(model.inputs, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(**batch), model(**batch)
+    assert torch.equal(a["outputs"]["audio_pred"], b["outputs"]["audio_pred"])  # nothing drawn: the same twice
+    assert a["outputs"]["audio_pred"].shape[1] == 32 and a["losses"]["reconstruction"].item() == 0.0  # nothing to score

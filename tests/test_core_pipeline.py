@@ -69,6 +69,7 @@ def test_set_reads_exponent_numbers_and_null_removes_a_key():
     assert doc.data["encoders"]["joint"]["norm_eps"] == 2e-5  # YAML 1.1 alone would read the string "2e-5"
     assert "type_embedding" not in doc.data["streams"]["video"]
     assert doc.data["encoders"]["decoder"]["routing"] == []
+    assert "mask" not in load_file("tiny/cav-mae", ["streams.audio.mask=~"]).data["streams"]["audio"]  # YAML's other null
     assert load_file("tiny/cav-mae", ["doc='1e-5'"]).data["doc"] == "1e-5"  # quoted stays text
     assert load_text("avdsl: 1\nname: x\nvars: {a: 1e-5, b: '1e3', c: 1.5E+3}\n").data["vars"] == {"a": 1e-5, "b": "1e3", "c": 1500.0}
     with pytest.raises(SpecError, match="nothing to remove") as err:
@@ -202,6 +203,26 @@ def test_parameter_count_is_analytic_and_matches_the_built_model(name):
     analysis = analyse(name)
     model = compile_graph(analysis.graph, "meta")
     assert sum(p.numel() for p in model.parameters()) == analysis.cost.total_params
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_gated_mlp_count_flops_and_output_by_hand(activation):
+    """A gated MLP: fc1 makes 2 x mlp_dim (gate half, then value half), fc2 reads mlp_dim."""
+    over = [f"encoders.backbone.activation={activation}", "encoders.backbone.mlp_dim=24"]
+    plain, gated = analyse("tiny/zorro", over[1:]), analyse("tiny/zorro", over)
+    d, m, depth = 64, 24, gated.spec.encoders["backbone"].sizes.depth
+    assert gated.cost.params["backbone"] - plain.cost.params["backbone"] == depth * (d * m + m)  # W_gate and its bias
+    tokens = sum(plain.graph.tensors[t].shape[1] for t in plain.graph.node("backbone").inputs)
+    assert gated.cost.flops["backbone"] - plain.cost.flops["backbone"] == depth * tokens * 2 * d * m
+    model = compile_graph(gated.graph, "meta")
+    assert sum(p.numel() for p in model.parameters()) == gated.cost.total_params
+    blk = next(iter(compile_graph(gated.graph).backbone.blocks.values()))[0]
+    x = torch.randn(3, d)
+    h = x @ blk.fc1.weight.T + blk.fc1.bias
+    gate, value = h[:, :m], h[:, m:]
+    act = gate * torch.sigmoid(gate) if activation == "swiglu" else 0.5 * gate * (1 + torch.erf(gate / 2 ** 0.5))
+    want = (act * value) @ blk.fc2.weight.T + blk.fc2.bias
+    assert torch.allclose(blk.mlp(x), want, atol=1e-6)
 
 
 def test_zorro_paper_size_count_per_component():

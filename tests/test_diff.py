@@ -84,9 +84,9 @@ def test_via_and_cross_flags_show(capsys):
 
 def test_value_changes_of_an_encoder_are_listed():
     d = diff_analyses(analyse("tiny/zorro"), analyse("tiny/zorro", ["encoders.backbone.final_norm=false",
-                                                                    "encoders.backbone.norm_eps=0.00001"]))
+                                                                    "encoders.backbone.norm_eps=0.000001"]))
     assert d["encoders"]["changed"]["backbone"]["final_norm"] == [True, False]
-    assert d["encoders"]["changed"]["backbone"]["norm_eps"] == [1e-6, 1e-5]
+    assert d["encoders"]["changed"]["backbone"]["norm_eps"] == [1e-5, 1e-6]
 
 
 def test_changed_rule_beyond_the_other_depth_shows():

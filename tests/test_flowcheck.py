@@ -14,6 +14,8 @@ from avdsl.loader import builtin_names, builtin_specs_dir
 # shrinks sizes); a spec derived from one gets that tiny variant's sizes, plus the changes it needs
 DERIVED = {
     "zorro-supervised": ("zorro", ["outputs.logits=linear(global_out, 8)"]),
+    "zorro-port": ("zorro", ["outputs.pooled=attnpool(global_out, global_out, backbone.fusion, queries=3, heads=4, "
+                             "each=true, norm=true, residual=true, bias=false)"]),
     "vatt-agnostic": ("vatt", []),
     "mbt-cls": ("mbt", ["outputs.logits_audio=linear(first(mbt.audio), 8)",
                         "outputs.logits_video=linear(first(mbt.video), 8, shared=logits_audio)",

@@ -8,7 +8,7 @@ import torch
 
 from avdsl import codegen
 from avdsl.api import analyse
-from avdsl.compiler import CompiledModel, compile_graph
+from avdsl.compiler import CompiledModel, compile_graph, keep
 from avdsl.runtime.trial import random_batch
 
 # inputs named like a keyword (`lambda`), a stream variable of the generated code (`audio_pos`: the
@@ -164,3 +164,14 @@ def test_renamed_inputs_trace_as_one_graph(model):
         got, expected = compiled(**batch), model(**batch)
     torch.testing.assert_close(got["outputs"]["z_other"], expected["outputs"]["z_other"])
     torch.testing.assert_close(got["loss"], expected["loss"])
+
+
+def test_keeping_every_tensor_and_layer_output_reads_the_right_variables(model):
+    batch = random_batch(model.inputs, 2)
+    names = list(model._tensor_names) + list(model._layer_names)
+    assert "training.class@0" in names and "lambda" in names
+    with torch.no_grad(), keep(model, names) as kept:
+        out = model(**batch)
+    assert kept.keys() == set(names)
+    assert kept["lambda"] is batch["lambda"] and kept["sum"] is batch["sum"]  # renamed parameters
+    assert torch.equal(kept["out.z_class"], out["outputs"]["z_class"])

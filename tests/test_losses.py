@@ -286,3 +286,26 @@ def test_every_loss_operator_names_a_documented_runtime_function():
     for name, fn in LOSSES.items():
         assert fn.__module__ == losses.__name__, name
         assert fn.__doc__ and fn.__doc__.strip().splitlines()[0], name
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_computes_in_float64_given_float64(name):
+    """float64 in, float64 out, and float64 all the way through: finite-difference gradients agree
+    with autograd only when nothing is rounded through float32 (gradcheck's eps is 1e-6)."""
+    args = tuple(a.double().requires_grad_() if a.is_floating_point() and i < 2 else
+                 a.double() if a.is_floating_point() else a for i, a in enumerate(_example_args()[name]))
+    value = LOSSES[name](*args)
+    assert value.dtype == torch.float64 and value.dim() == 0
+    if name in ("bce",):  # its targets are 0/1 labels, not a function input
+        args = (args[0], args[1].detach())
+    assert torch.autograd.gradcheck(lambda *xs: LOSSES[name](*xs, *args[len(xs):]),
+                                    tuple(a for a in args if a.requires_grad))
+
+
+@pytest.mark.parametrize("fn, arg, value", [(nce, "tau", 0.07), (focal_contrastive, "tau", 0.07),
+                                             (focal_contrastive, "bias", -2.0), (mil_nce, "tau", 0.07)])
+def test_a_learned_float32_scalar_keeps_float64(fn, arg, value):
+    a, b = (x.double() for x in _example_args()["nce"])
+    learned = torch.nn.Parameter(torch.tensor(value))  # a learned scalar in float32, as the model holds it
+    assert fn(a, b, **{arg: learned}).dtype == torch.float64
+    assert fn(a, b, **{arg: learned}).item() == pytest.approx(fn(a, b, **{arg: value}).item(), rel=1e-6)

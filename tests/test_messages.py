@@ -67,9 +67,10 @@ def test_dedented_routing_is_said_to_be_read_as_an_encoder_name():
     assert "like the keys of 'backbone'" in d.hint
 
 
-def test_droptoken_bound_is_exclusive():
+def test_droptoken_rate_one_is_refused_and_the_hint_says_how_to_remove_it():
     d = error(SPEC.replace("tokenizer: patch2d(8, 8)", "tokenizer: patch2d(8, 8)\n    drop: droptoken(1.0)")).diagnostic
-    assert "more than 0 and less than 1 (neither bound allowed), got 1.0" in d.message
+    assert "at least 0 and less than 1, got 1.0" in d.message
+    assert "`droptoken(0)` keeps all of them" in d.hint and "`--set streams.audio.drop=null`" in d.hint
 
 
 def test_unknown_key_sharing_a_word_gets_a_did_you_mean():

@@ -1,53 +1,47 @@
-"""The weight tables of the parity scripts (benchmarks/parity.py, parity_mbt.py): every tensor of the avdsl
-model is set exactly once, or listed as a fixed table each side builds itself, and the layout changes
-are right. Runs without the reference code: the reference's names are the ones the table gives, its
-tensors the avdsl model's own (on the meta device)."""
+"""The weight mappings of the parity scripts (benchmarks/parity.py, parity_mbt.py), which are the formats of
+`avdsl import` (runtime/formats/*.yaml): at the paper sizes every tensor of the avdsl model is set exactly
+once, or listed as a fixed table each side builds itself, and the layout changes are right. Runs without
+the reference code: the reference's names are the ones the format gives, its tensors the avdsl model's
+own (on the meta device)."""
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
 
 from avdsl.api import analyse, analyse_text
 from avdsl.compiler import compile_graph
+from avdsl.runtime import porting
 from benchmarks import parity, parity_mammut, parity_mbt
 
 
-def _reference_state(model, table, tables) -> dict:
-    """The state a reference with exactly the table's names would have (shapes from the avdsl model)."""
+def _reference_state(model, fmt: porting.Format) -> dict:
+    """The state a reference with exactly the format's names would have (the avdsl model's tensors; one
+    per source name, so that a row with several sources still finds each)."""
     ours = model.state_dict()
     state = {}
-    for mine, theirs, _how in table:
-        pattern = re.compile(re.escape(mine).replace(re.escape("{i}"), r"(\d+)") + "$")
-        for key in ours:
-            m = pattern.match(key)
-            if m:
-                state[theirs.replace("{i}", m.group(1)) if m.groups() else theirs] = ours[key]
-    for mine, theirs, _how in tables:
-        state[theirs] = ours[mine]
+    for row in porting.expand(fmt.tensors, list(ours)) + list(fmt.fixed):
+        for source in row.sources:
+            state[source] = ours[row.to]
     return state
 
 
-@pytest.mark.parametrize("spec, table, tables, unused", [
-    (parity.PAPER_SPEC, parity.CAV_MAE_WEIGHTS, parity.CAV_MAE_TABLES, parity.CAV_MAE_UNUSED),
-    (parity.ft_spec(1024, 224, 768, 12), parity.CAV_MAE_FT_WEIGHTS, parity.CAV_MAE_FT_TABLES, parity.CAV_MAE_FT_UNUSED),
+@pytest.mark.parametrize("spec, name", [
+    (parity.PAPER_SPEC, "cav-mae"),
+    (parity.ft_spec(1024, 224, 768, 12), "cav-mae-ft"),
 ])
-def test_table_sets_every_tensor_once(spec, table, tables, unused):
+def test_format_sets_every_tensor_once(spec, name):
     model = compile_graph(analyse_text(spec, "<parity>").graph, device="meta")
-    layout = parity.layout_for(1024)
-    state = _reference_state(model, table, tables)
-    ported = parity.port(model, state, table, tables, unused, layout.transforms)
+    fmt = porting.load_format(name)
+    ported = porting.port(fmt, _reference_state(model, fmt), model.state_dict())
     assert set(ported.state) == set(model.state_dict())
 
 
 def test_an_unknown_reference_tensor_is_listed():
     model = compile_graph(analyse("cav-mae").graph, device="meta")
-    state = _reference_state(model, parity.CAV_MAE_WEIGHTS, parity.CAV_MAE_TABLES)
+    state = _reference_state(model, porting.load_format("cav-mae"))
     state["blocks_a.0.extra.weight"] = torch.empty(3, device="meta")
-    with pytest.raises(SystemExit, match="left over: blocks_a.0.extra.weight"):
-        parity.port(model, state, parity.CAV_MAE_WEIGHTS, parity.CAV_MAE_TABLES, parity.CAV_MAE_UNUSED,
-                    parity.layout_for(1024).transforms)
+    with pytest.raises(SystemExit, match="left over \\(1\\):\n  blocks_a.0.extra.weight"):
+        parity.port("cav-mae", model, state)
 
 
 def test_swap_order_reads_a_frequency_major_grid_time_major():
@@ -55,26 +49,27 @@ def test_swap_order_reads_a_frequency_major_grid_time_major():
     assert parity.swap_order(2, 3).tolist() == [0, 3, 1, 4, 2, 5]
 
 
-def test_mbt_table_names_every_tensor_of_mbt_cls_once():
+def test_mbt_format_names_every_tensor_of_mbt_cls_once():
     model = compile_graph(analyse_text(parity_mbt.spec_text(parity_mbt.PAPER), "<parity>").graph, device="meta")
     ours = list(model.state_dict())
-    named = []
-    for mine, _theirs, how in parity_mbt.MBT_WEIGHTS:
-        assert how in parity_mbt.TRANSFORMS
-        pattern = re.compile(re.escape(mine).replace(re.escape("{i}"), r"\d+") + "$")
-        named += [k for k in ours if pattern.match(k)]
+    named = [row.to for row in porting.expand(porting.load_format("mbt").tensors, ours)]
     assert sorted(named) == sorted(ours)  # each once, none missing
 
 
+def _steps(how: str):
+    return next(r.steps for r in porting.load_format("mbt").tensors if r.how == how)
+
+
 def test_flax_layouts_become_torch_layouts():
-    t = parity_mbt.TRANSFORMS
+    torch.manual_seed(0)
     q, k, v = (torch.randn(8, 2, 4) for _ in range(3))  # [D, heads, head_dim]
     x = torch.randn(3, 8)
-    fused = t["qkv_kernel"](q, k, v)
-    assert torch.allclose(x @ fused.T, torch.cat([torch.einsum("nd,dhk->nhk", x, w).reshape(3, 8) for w in (q, k, v)], dim=1))
+    fused = porting.apply_steps(_steps("heads_in"), (q, k, v))
+    assert torch.allclose(x @ fused.T, torch.cat([torch.einsum("nd,dhk->nhk", x, w).reshape(3, 8) for w in (q, k, v)], dim=1), atol=1e-5)
     out = torch.randn(2, 4, 8)  # [heads, head_dim, D]
     heads = torch.randn(3, 2, 4)
-    assert torch.allclose(heads.reshape(3, 8) @ t["out_kernel"](out).T, torch.einsum("nhk,hkd->nd", heads, out))
+    assert torch.allclose(heads.reshape(3, 8) @ porting.apply_steps(_steps("heads_out"), (out,)).T,
+                          torch.einsum("nhk,hkd->nd", heads, out), atol=1e-5)
 
 
 
@@ -119,7 +114,7 @@ def test_mammut_table_sets_every_tensor_once(size, config, has_mlp):
     sizes, chosen = parity_mammut.SIZES[size], parity_mammut.CONFIGS[config]
     model = compile_graph(analyse_text(parity_mammut.spec_text(sizes, chosen), "<parity>").graph, device="meta")
     state = _open_clip_mammut_state(sizes, has_mlp)
-    ported = parity.port(model, state, chosen["weights"], (), parity_mammut.MAMMUT_UNUSED, parity_mammut.TRANSFORMS)
+    ported = parity.port_table(model, state, chosen["weights"], (), parity_mammut.MAMMUT_UNUSED, parity_mammut.TRANSFORMS)
     assert set(ported.state) == set(model.state_dict())
     assert ported.unused == []
     assert "decoder.blocks.shared.2.norm_memory.all.weight" in ported.state  # cross block 1 -> decoder layer 2

@@ -22,6 +22,7 @@ NOT_OPERATORS = {
     ("bn", "runtime/heads.py"): "MLP's norm choice",
     ("relu", "runtime/heads.py"): "MLP's activation choice",
     ("none", "runtime/heads.py"): "MLP's norm and activation choice",
+    ("none", "runtime/embeddings.py"): "a patch tokenizer's norm choice",
     ("relu", "runtime/encoder.py"): "an encoder activation",
     ("none", "runtime/losses.py"): "torch's reduction argument",
     ("mean", "runtime/losses.py"): "bce's reduction choice",

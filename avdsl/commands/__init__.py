@@ -7,13 +7,14 @@ a module here (raise `SpecError` or `CommandError` for problems, never print and
 """
 from __future__ import annotations
 
-from . import bench, build, diff, lint, pictures, schema, sweep, train
+from . import bench, build, diff, importing, lint, pictures, schema, sweep, train
 
 ALL = (
     ("build", build.build_command),
     ("train", train.train_command),
     ("eval", train.eval_command),
     ("export", train.export_command),
+    ("import", importing.import_command),
     ("lint", lint.lint_command),
     ("diff", diff.diff_command),
     ("graph", pictures.graph_command),

@@ -5,6 +5,8 @@ Exit codes (the same for every command):
   0    success (for `lint`: no findings)
   1    the command ran and found problems (lint findings, a failed or non-finite training run)
   2    the spec or a command-line argument could not be used: the message says where and why
+       (for `import`: a checkpoint that cannot be read, or does not fit the spec as its format maps
+       it; the message lists what is missing, left over and of the wrong shape)
   130  interrupted (Ctrl-C)
 """
 from __future__ import annotations

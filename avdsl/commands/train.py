@@ -100,13 +100,15 @@ def _default_run_dir(name: str, resume: bool) -> str:
     return str(base / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict, log_to_stderr: bool = False) -> dict:
-    """Build and train in this process (called directly, or once per rank by `--nproc`)."""
+def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: dict, log_to_stderr: bool = False,
+                   init: str | None = None) -> dict:
+    """Build and train in this process (called directly, or once per rank by `--nproc`); ``init``: the
+    checkpoint folder whose weights the model starts from."""
     import torch
 
     from ..compiler import compile_graph, device_memory
     from ..passes.memory import check_fits
-    from ..runtime.train import setup_distributed, train
+    from ..runtime.train import CheckpointMismatch, load_checkpoint, setup_distributed, train
 
     info = setup_distributed()
     analysis = analyse_doc(load_file(spec, overrides))
@@ -115,6 +117,11 @@ def _train_process(spec: str, overrides: list, options: dict, data: str, sizes: 
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
     check_fits(analysis.graph, analysis.cost, config.batch_size, True, device_memory(device), f"device {device}")
     model = compile_graph(analysis.graph)
+    if init is not None:
+        try:
+            load_checkpoint(init, model)  # the weights only: names and shapes must match, the spec may differ
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"--init: {e}") from None
     train_set, val_set = _datasets(model, data, sizes["train_size"], sizes["val_size"], config.seed,
                                    materialize=data == "synthetic" and config.workers == 0)
     summary = train(model, train_set, val_set, config, model.spec_text, model.spec_hash,
@@ -212,6 +219,7 @@ def train_command(
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where checkpoints, metrics.jsonl, curves.png and summary.json go."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint of --run-dir (or of the newest run of this spec)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from the weights of this checkpoint (a run directory or a step-* folder, e.g. written by `avdsl import`); optimizer and step start afresh. A checkpoint found by --resume wins."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=limits.MAX_SEED),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0, max=limits.MAX_STEPS, help="Evaluate on the held-out split every N steps (0: only at the end)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=0, max=limits.MAX_STEPS, help="Write a checkpoint every N steps (0: only at the end)."),
@@ -237,6 +245,8 @@ def train_command(
 
       avdsl train tiny/zorro --run-dir runs/a --resume
 
+      avdsl train cav-mae --init runs/cav-mae-from-cav-mae
+
       avdsl train tiny/mbt --nproc 2 --strategy fsdp
 
     Several machines: `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT
@@ -248,19 +258,21 @@ def train_command(
             "compile": compile_, "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
             "workers": workers, "device": device, "strategy": strategy.value if strategy else None,
             "resume": resume or None, "on_nonfinite": "skip" if skip_nonfinite else None, "run_dir": run_dir},
-            {"train_size": train_size, "val_size": val_size})
+            {"train_size": train_size, "val_size": val_size}, init)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
     if summary.get("interrupted"):
         raise typer.Exit(130)
 
 
-def _train(spec: str, overrides: list, data: str, nproc: int, as_json: bool, options: dict, sizes: dict) -> dict:
+def _train(spec: str, overrides: list, data: str, nproc: int, as_json: bool, options: dict, sizes: dict,
+           init: str | None = None) -> dict:
     """Check everything that can be checked before work starts, then train (in ``nproc`` processes);
     return rank 0's summary. ``options`` are the command-line settings (None: the spec's or the default)."""
     doc = load_file(spec, overrides)
     analysis = analyse_doc(doc)  # a bad spec fails here, before any process starts (and before torch loads)
     _check_device(options["device"])
+    init = str(_checkpoint_folder(init)) if init is not None else None
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError, NonFiniteLoss, launch
@@ -273,12 +285,14 @@ def _train(spec: str, overrides: list, data: str, nproc: int, as_json: bool, opt
     (err if as_json else out).print(f"training [bold]{escape(analysis.spec.name)}[/] ({escape(doc.file)}) -> {escape(options['run_dir'])}")
     try:
         # with --nproc N, torch's launcher runs _train_process once per process; rank 0's summary returns
-        summary = launch(nproc, _train_process, spec, overrides, options, data, sizes, as_json) or {}
+        summary = launch(nproc, _train_process, spec, overrides, options, data, sizes, as_json, init) or {}
     except NonFiniteLoss as e:
         raise CommandError(str(e), "lower --lr, try --precision fp32, or pass --skip-nonfinite to skip such steps; "
                            "the last good checkpoint is kept (resume with --resume)", EXIT_FINDINGS) from None
     except CheckpointMismatch as e:
-        raise CommandError(str(e), "train it from scratch with another --run-dir", EXIT_BAD_SPEC) from None
+        hint = ("--init needs a checkpoint whose tensors have the names and shapes of this spec's model"
+                if str(e).startswith("--init") else "train it from scratch with another --run-dir")
+        raise CommandError(str(e), hint, EXIT_BAD_SPEC) from None
     except CheckpointCorrupt as e:
         raise CommandError(f"the checkpoint cannot be read: {e}", "it is damaged or incomplete: move it away, or pass "
                            "another --run-dir", EXIT_BAD_SPEC) from None
@@ -292,10 +306,9 @@ def _train(spec: str, overrides: list, data: str, nproc: int, as_json: bool, opt
     return summary
 
 
-def _load_run(checkpoint: str, set_: list):
-    """The spec stored with a checkpoint, its model with the checkpoint's weights, and the checkpoint."""
-    from ..compiler import compile_graph
-    from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, find_latest, load_checkpoint
+def _checkpoint_folder(checkpoint: str) -> Path:
+    """The checkpoint folder a run directory (its newest checkpoint) or a step-* folder names."""
+    from ..runtime.train import find_latest
 
     path = Path(checkpoint)
     if path.is_dir() and not (path / "model.safetensors").is_file():
@@ -303,9 +316,18 @@ def _load_run(checkpoint: str, set_: list):
         if latest is None:
             raise SpecError(Loc(checkpoint), "no complete checkpoint here", "pass a run directory or one of its step-* folders")
         path = latest
-    spec_file = path / "spec.yaml"
-    if not spec_file.is_file():
+    if not (path / "spec.yaml").is_file():
         raise SpecError(Loc(checkpoint), "this is not a checkpoint (no spec.yaml)", "pass a run directory or one of its step-* folders")
+    return path
+
+
+def _load_run(checkpoint: str, set_: list):
+    """The spec stored with a checkpoint, its model with the checkpoint's weights, and the checkpoint."""
+    from ..compiler import compile_graph
+    from ..runtime.train import CheckpointCorrupt, CheckpointMismatch, load_checkpoint
+
+    path = _checkpoint_folder(checkpoint)
+    spec_file = path / "spec.yaml"
     analysis = analyse_doc(load_text(read_text(spec_file, str(spec_file)), str(spec_file), set_))
     model = compile_graph(analysis.graph)
     try:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..ir import KINDS, EncoderNode, Graph, InputNode, encoder_output, visit
+from ..ir import KINDS, CallNode, EncoderNode, Graph, InputNode, encoder_output, visit
+from ..ops import OPS
 
 
 class Source(NamedTuple):
@@ -39,6 +40,7 @@ class Flow:
     deps: dict = field(default_factory=dict)  # tensor name -> frozenset of `Source`
     entries: dict = field(default_factory=dict)  # (encoder output tensor, source) -> Entry
     stream_of: dict = field(default_factory=dict)  # tensor name -> the stream whose tokens it holds
+    rows: dict = field(default_factory=dict)  # tensor name -> sources of each row, where rows differ (`OpDef.rows`)
 
     def sources_of(self, tensor: str, kind: str) -> set[str]:
         """The sources of one kind (``input`` or ``stream``) a tensor depends on, without the prefix."""
@@ -61,10 +63,22 @@ def _through(node, flow: Flow) -> None:
             flow.stream_of[t] = stream
 
 
+def _call(node: CallNode, flow: Flow) -> None:
+    """An operator call: what it reads, or per row for operators whose rows read different tensors."""
+    rule = OPS[node.op].rows if node.op in OPS else None
+    if rule is None:
+        _through(node, flow)
+        return
+    sources, rows = rule(node.args, [flow.deps.get(t, frozenset()) for t in node.inputs], [flow.rows.get(t) for t in node.inputs])
+    flow.deps[node.outputs[0]] = sources
+    if rows is not None:
+        flow.rows[node.outputs[0]] = rows
+
+
 def analyse_flow(graph: Graph) -> Flow:
     """Compute, for every tensor of ``graph``, the sources it depends on."""
     flow = Flow()
-    rules = {**{kind: _through for kind in KINDS}, "input": _input, "encoder": _encoder}
+    rules = {**{kind: _through for kind in KINDS}, "input": _input, "encoder": _encoder, "call": _call}
     for node in graph.nodes():
         visit(rules, node, flow)
     return flow

@@ -35,6 +35,9 @@ class Cost:
         return sum(self.flops.values())
 
 
+GATED = ("geglu", "swiglu")  # activations of a gated MLP: its first linear has 2 x mlp_dim outputs
+
+
 def layer_params(width: int, mlp_dim: int, bias: bool, activation: str, norms: int) -> int:
     """One pre-norm transformer layer: two LayerNorms (times ``norms`` sets), attention, feed-forward."""
     ln = (2 if bias else 1) * width
@@ -44,7 +47,7 @@ def layer_params(width: int, mlp_dim: int, bias: bool, activation: str, norms: i
 
 def mlp_params(width: int, mlp_dim: int, bias: bool, activation: str) -> int:
     """The feed-forward of a layer: two linears (the first twice as wide for a gated activation)."""
-    inner = 2 * mlp_dim if activation == "geglu" else mlp_dim
+    inner = 2 * mlp_dim if activation in GATED else mlp_dim
     return width * inner + mlp_dim * width + ((inner + width) if bias else 0)
 
 
@@ -116,7 +119,7 @@ def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
             for wname, attends in by_ws.items():
                 d = sets[wname].sizes.width
                 m = sets[wname].sizes.mlp_dim
-                inner = 2 * m if enc.activation == "geglu" else m
+                inner = 2 * m if enc.activation in GATED else m
                 selfs = [a for a in attends if not a.cross]
                 queries = {a.query for a in attends}
                 kv_tokens = {k for a in selfs for k in a.keys}

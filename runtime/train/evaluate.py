@@ -87,6 +87,8 @@ def collect(
                 count += size
                 terms = {"loss": result["loss"], **{f"loss/{k}": v for k, v in result["losses"].items()}}
                 for name, value in terms.items():
+                    if value is None:  # a spec without losses (e.g. an imported inference model)
+                        continue
                     loss_sums[name] = loss_sums.get(name, 0.0) + float(value.float()) * size
                 for name, value in result["outputs"].items():
                     value = value.detach().cpu()

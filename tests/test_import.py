@@ -1,0 +1,386 @@
+"""`avdsl import`: reference checkpoints with each format's real tensor names and shapes (synthetic
+values, tiny sizes) become avdsl checkpoints that `eval` and `train --init` accept; every tensor is
+the source tensor after the documented transform; missing and left-over tensors and misfitting shapes
+are listed; hostile files are refused. The formats are data (runtime/formats/*.yaml)."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from avdsl import limits
+from avdsl.runtime import porting
+
+# CAV-MAE at a tiny size the reference can be built at (16 x 16 patches, 128 mel bins): 64 frames
+# (4 time x 8 frequency patches), a 32 x 32 frame (4 patches), width 32, decoder 16
+CAV_SPEC = """\
+avdsl: 1
+extends: cav-mae
+name: cav-mae-import-test
+inputs:
+  fbank[B, 64, 128]: fbank
+  frame[B, 3, 32, 32]: image
+encoders:
+  unimodal: {width: 32, heads: 2, depth: 2}
+  joint: {width: 32, heads: 2}
+  decoder: {width: 16, depth: 1, heads: 2}
+"""
+CAV_FT_SPEC = """\
+avdsl: 1
+name: cav-mae-ft-import-test
+inputs:
+  fbank[B, 64, 128]: fbank
+  frame[B, 3, 32, 32]: image
+streams:
+  audio: {input: fbank, tokenizer: "patch2d(16, 16)", position: "sincos2d(first=rows)", type_embedding: true}
+  video: {input: frame, tokenizer: "patch2d(16, 16)", position: "sincos2d()", type_embedding: true}
+  a: {from: unimodal.audio}
+  v: {from: unimodal.video}
+encoders:
+  unimodal:
+    streams: [audio, video]
+    width: 32
+    depth: 2
+    heads: 2
+    norm_eps: 1e-5
+    weights: per_stream
+    final_norm: false
+    routing: [audio <- audio, video <- video]
+  joint:
+    streams: [a, v]
+    width: 32
+    depth: 1
+    heads: 2
+    norm_eps: 1e-5
+    routing: ["a, v <- a, v"]
+outputs:
+  logits: linear(layernorm(mean(joint.a, joint.v)), 5)
+"""
+MBT_SPEC = """\
+avdsl: 1
+extends: mbt-cls
+vars: {fusion_layer: 1}
+inputs:
+  spec[B, 64, 32]: fbank
+  frames[B, 3, 4, 32, 32]: video
+  labels[B, 5]: multilabel(5)
+encoders:
+  mbt: {width: 32, depth: 2, heads: 2}
+outputs:
+  logits_audio: linear(first(mbt.audio), 5)
+  logits_video: linear(first(mbt.video), 5, shared=logits_audio)
+"""
+
+
+def _vit_layer(prefix: str, d: int, per_modality_norms: bool = True) -> dict:
+    """A timm Block of the reference (CAV-MAE's Block also builds norm1_a, norm1_v, norm2_a, norm2_v)."""
+    shapes = {}
+    for norm in ("norm1", "norm2") + (("norm1_a", "norm1_v", "norm2_a", "norm2_v") if per_modality_norms else ()):
+        shapes[f"{prefix}.{norm}.weight"] = shapes[f"{prefix}.{norm}.bias"] = (d,)
+    for name, (o, i) in (("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("mlp.fc1", (4 * d, d)), ("mlp.fc2", (d, 4 * d))):
+        shapes[f"{prefix}.{name}.weight"], shapes[f"{prefix}.{name}.bias"] = (o, i), (o,)
+    return shapes
+
+
+def cav_mae_shapes(d=32, dd=16, uni=2, dec=1, n_a=32, n_v=4, ft_classes=None) -> dict:
+    """The state dict names and shapes of CAVMAE (or CAVMAEFT with ``ft_classes``), as the reference builds them."""
+    s = {"patch_embed_a.proj.weight": (d, 1, 16, 16), "patch_embed_a.proj.bias": (d,),
+         "patch_embed_v.proj.weight": (d, 3, 16, 16), "patch_embed_v.proj.bias": (d,),
+         "modality_a": (1, 1, d), "modality_v": (1, 1, d), "pos_embed_a": (1, n_a, d), "pos_embed_v": (1, n_v, d)}
+    for i in range(uni):
+        s |= _vit_layer(f"blocks_a.{i}", d) | _vit_layer(f"blocks_v.{i}", d)
+    s |= _vit_layer("blocks_u.0", d)
+    for norm in ("norm_a", "norm_v", "norm"):
+        s[f"{norm}.weight"] = s[f"{norm}.bias"] = (d,)
+    if ft_classes:
+        s |= {"mlp_head.0.weight": (d,), "mlp_head.0.bias": (d,), "mlp_head.1.weight": (ft_classes, d),
+              "mlp_head.1.bias": (ft_classes,)}
+        return s
+    s |= {"decoder_embed.weight": (dd, d), "decoder_embed.bias": (dd,), "mask_token": (1, 1, dd),
+          "decoder_modality_a": (1, 1, dd), "decoder_modality_v": (1, 1, dd),
+          "decoder_pos_embed_a": (1, n_a, dd), "decoder_pos_embed_v": (1, n_v, dd),
+          "decoder_norm.weight": (dd,), "decoder_norm.bias": (dd,),
+          "decoder_pred_a.weight": (256, dd), "decoder_pred_a.bias": (256,),
+          "decoder_pred_v.weight": (768, dd), "decoder_pred_v.bias": (768,)}
+    for i in range(dec):
+        s |= _vit_layer(f"decoder_blocks.{i}", dd)
+    return s
+
+
+def mbt_shapes(d=32, heads=2, depth=2, classes=5, n_a=9, n_v=9, bottlenecks=5) -> dict:
+    """scenic MBT's flattened parameter names and shapes (classifier: token, separate encoders)."""
+    hd = d // heads
+    s = {"embedding_spectrogram/kernel": (16, 16, 3, d), "embedding_spectrogram/bias": (d,),
+         "embedding/kernel": (2, 16, 16, 3, d), "embedding/bias": (d,),
+         "clsspectrogram": (1, 1, d), "cls": (1, 1, d), "bottleneck": (1, bottlenecks, d),
+         "Transformer/posembed_input_spectrogram/pos_embedding": (1, n_a, d),
+         "Transformer/posembed_input/pos_embedding": (1, n_v, d),
+         "Transformer/encoder_norm/scale": (d,), "Transformer/encoder_norm/bias": (d,),
+         "output_projection/kernel": (d, classes), "output_projection/bias": (classes,)}
+    for i in range(depth):
+        for suffix in ("_spectrogram", ""):
+            b = f"Transformer/encoderblock_{i}{suffix}"
+            for n in ("LayerNorm_0", "LayerNorm_1"):
+                s[f"{b}/{n}/scale"] = s[f"{b}/{n}/bias"] = (d,)
+            for n in ("query", "key", "value"):
+                s[f"{b}/MultiHeadDotProductAttention_0/{n}/kernel"] = (d, heads, hd)
+                s[f"{b}/MultiHeadDotProductAttention_0/{n}/bias"] = (heads, hd)
+            s[f"{b}/MultiHeadDotProductAttention_0/out/kernel"] = (heads, hd, d)
+            s[f"{b}/MultiHeadDotProductAttention_0/out/bias"] = (d,)
+            s[f"{b}/MlpBlock_0/Dense_0/kernel"], s[f"{b}/MlpBlock_0/Dense_0/bias"] = (d, 4 * d), (4 * d,)
+            s[f"{b}/MlpBlock_0/Dense_1/kernel"], s[f"{b}/MlpBlock_0/Dense_1/bias"] = (4 * d, d), (d,)
+    return s
+
+
+def _model(text: str, tmp_path):
+    from avdsl.api import analyse_text
+    from avdsl.compiler import compile_graph
+
+    return compile_graph(analyse_text(text, str(tmp_path / "spec.yaml")).graph)
+
+
+def _freq_major(table: torch.Tensor, time: int) -> torch.Tensor:
+    """avdsl's audio position table (time-major, 8 frequency rows) in the reference's frequency-major order."""
+    _, n, d = table.shape
+    return table.view(1, time, n // time, d).transpose(1, 2).reshape(1, n, d)
+
+
+def _cav_reference(tmp_path, ft: bool = False) -> dict:
+    """Random tensors of the reference's names and shapes; the fixed sin-cos tables as the reference builds them."""
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v, generator=gen) for k, v in cav_mae_shapes(ft_classes=5 if ft else None).items()}
+    model = _model(CAV_FT_SPEC if ft else CAV_SPEC, tmp_path)
+    state["pos_embed_a"], state["pos_embed_v"] = _freq_major(model.audio_position.pos, 4), model.video_position.pos.clone()
+    if not ft:
+        state["decoder_pos_embed_a"] = _freq_major(model.decoder_audio_position.pos, 4)
+        state["decoder_pos_embed_v"] = model.decoder_video_position.pos.clone()
+    return state
+
+
+# the documented meaning of each transform, written independently of the steps that implement it
+MEANING = {
+    "copy": lambda t: t,
+    "kernel_t": lambda t: t.transpose(-1, -2),  # Conv2d kernel, frequency x time -> time x frequency
+    "values_t": lambda t: t.view(16, 16, *t.shape[1:]).transpose(0, 1).reshape(t.shape),  # patch values f*16+t -> t*16+f
+    "dense": lambda k: k.T,
+    "conv2d": lambda k: k.permute(3, 2, 0, 1),
+    "conv3d": lambda k: k.permute(4, 3, 0, 1, 2),
+    "heads_in": lambda *ks: torch.cat([k.reshape(k.shape[0], -1).T for k in ks]),
+    "heads_bias": lambda *bs: torch.cat([b.reshape(-1) for b in bs]),
+    "heads_out": lambda k: k.reshape(-1, k.shape[-1]).T,
+}
+
+
+def _check_every_tensor(fmt_name: str, reference: dict, run, model_state: dict) -> None:
+    written = load_file(str(next(run.glob("step-*")) / "model.safetensors"))
+    assert set(written) == set(model_state)
+    fmt = porting.load_format(fmt_name)
+    rows = porting.expand(fmt.tensors, list(model_state))
+    assert {r.to for r in rows} | {r.to for r in fmt.fixed} == set(written)
+    for row in rows:
+        expected = MEANING[row.how](*(reference[s] for s in row.sources))
+        assert torch.equal(written[row.to], expected), row.to
+    for row in fmt.fixed:  # the spec's own table, equal to the reference's in the reference's order
+        ours = written[row.to]
+        assert torch.equal(_freq_major(ours, 4) if row.how == "tokens_t" else ours, reference[row.sources[0]])
+
+
+@pytest.mark.parametrize("ft", [False, True], ids=["cav-mae", "cav-mae-ft"])
+def test_cav_mae_checkpoint_imports_and_evaluates(run_cli, tmp_path, ft):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(CAV_FT_SPEC if ft else CAV_SPEC)
+    reference = _cav_reference(tmp_path, ft)
+    source = tmp_path / "ref.pth"
+    torch.save({f"module.{k}": v for k, v in reference.items()}, source)  # as DataParallel saves it
+    run = tmp_path / "imported"
+    fmt = "cav-mae-ft" if ft else "cav-mae"
+    code, out, err = run_cli("import", *[str(spec), str(source), "--from", fmt, "-o", str(run), "--json"])
+    assert code == 0, out + err
+    report = json.loads(out)
+    unused = 2 * 2 * 4 * 2 + 2 * 4 if not ft else 2 * 2 * 4 * 2 + 2 * 4 + 4  # per-modality norms never read
+    assert len(report["unused"]) == unused and report["tensors"] + len(report["fixed"]) + unused == len(reference)
+    _check_every_tensor(fmt, reference, run, _model(spec.read_text(), tmp_path).state_dict())
+
+    code, out, err = run_cli(*["eval", str(run), "--batches", "1", "--batch-size", "2", "--json"])
+    assert code == 0, out + err
+    assert json.loads(out)["checkpoint"].endswith("step-000000")
+
+
+def test_mbt_npz_imports_and_trains_from_it(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(MBT_SPEC)
+    gen = np.random.default_rng(0)
+    reference = {k: gen.standard_normal(v).astype(np.float32) for k, v in mbt_shapes().items()}
+    source = tmp_path / "mbt.npz"
+    np.savez(source, **{f"params/{k}": v for k, v in reference.items()})
+    run = tmp_path / "imported"
+    code, out, err = run_cli("import", *[str(spec), str(source), "--from", "mbt", "-o", str(run)])
+    assert code == 0, out + err
+    assert "imported 61 tensors" in (out + err)
+    _check_every_tensor("mbt", {k: torch.from_numpy(v) for k, v in reference.items()}, run,
+                        _model(MBT_SPEC, tmp_path).state_dict())
+    # the fused projection computes what scenic's separate einsums compute
+    written = load_file(str(run / "step-000000" / "model.safetensors"))
+    x = torch.randn(3, 32)
+    b = "Transformer/encoderblock_0_spectrogram/MultiHeadDotProductAttention_0"
+    q, k, v = (torch.einsum("nd,dhk->nhk", x, torch.from_numpy(reference[f"{b}/{n}/kernel"])).reshape(3, 32)
+               for n in ("query", "key", "value"))
+    assert torch.allclose(x @ written["mbt.blocks.audio.0.qkv.weight"].T, torch.cat([q, k, v], dim=1), atol=1e-5)
+
+    small = ["--steps", "1", "--batch-size", "2", "--train-size", "4", "--val-size", "2", "--json"]
+    code, out, err = run_cli("train", str(spec), "--init", str(run), "--run-dir", str(tmp_path / "run"), *small)
+    assert code == 0, out + err
+    code, out, err = run_cli("train", str(spec), "--run-dir", str(run), "--resume", *small)  # continue in the import's run
+    assert code == 0, out + err
+    assert "resuming from" in err and (run / "step-000001").is_dir()
+    code, out, err = run_cli("export", str(run / "step-000000"), "-o", str(tmp_path / "model.pt2"))
+    assert code == 0, out + err
+
+
+def test_init_refuses_a_checkpoint_of_another_model(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(MBT_SPEC)
+    reference = {k: np.zeros(v, np.float32) for k, v in mbt_shapes().items()}
+    np.savez(tmp_path / "mbt.npz", **reference)
+    assert run_cli("import", *[str(spec), str(tmp_path / "mbt.npz"), "--from", "mbt", "-o", str(tmp_path / "imp")])[0] == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(MBT_SPEC.replace("width: 32", "width: 16"))
+    code, out, err = run_cli(*["train", str(other), "--init", str(tmp_path / "imp"), "--steps", "1",
+                                        "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "--init" in (out + err) and "parameter shapes differ" in (out + err)
+
+
+def test_missing_left_over_and_misfitting_tensors_are_listed(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(CAV_SPEC)
+    reference = _cav_reference(tmp_path)
+    del reference["blocks_a.1.attn.qkv.weight"]
+    reference["blocks_a.2.attn.qkv.weight"] = torch.zeros(96, 32)  # a third layer the spec does not have
+    reference["decoder_embed.weight"] = torch.zeros(16, 48)
+    torch.save(reference, tmp_path / "ref.pth")
+    run = tmp_path / "imported"
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "ref.pth"), "--from", "cav-mae", "-o", str(run), "--json"])
+    assert code == 2
+    error = json.loads(out)["error"]
+    assert error["missing"] == ["blocks_a.1.attn.qkv.weight (checkpoint, for unimodal.blocks.audio.1.qkv.weight)"]
+    assert error["left_over"] == ["blocks_a.2.attn.qkv.weight"]
+    assert error["shapes"] == ["checkpoint decoder_embed.weight [16, 48] does not fit avdsl decoder_audio_from.weight [16, 32]"]
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_a_spec_with_other_depths_lists_the_layers_in_ranges(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(CAV_SPEC.replace("depth: 2}", "depth: 1}"))
+    torch.save(_cav_reference(tmp_path), tmp_path / "ref.pth")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "ref.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert "left over (" in (out + err) and "blocks_a.1.attn.qkv.weight" in (out + err)
+
+
+def test_a_spec_with_another_position_table_is_refused(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(CAV_SPEC)
+    reference = _cav_reference(tmp_path)
+    reference["pos_embed_v"] = reference["pos_embed_v"].flip(-1)  # e.g. sin-cos halves in the other order
+    torch.save(reference, tmp_path / "ref.pth")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "ref.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert "fixed tables that differ (1):\n  checkpoint pos_embed_v vs avdsl video_position.pos" in (out + err)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_hostile_files_are_refused(run_cli, tmp_path, monkeypatch):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(CAV_SPEC)
+    with open(tmp_path / "code.pth", "wb") as handle:
+        pickle.dump({"x": _Payload()}, handle)
+    torch.save({"x": _Payload()}, tmp_path / "code2.pth")
+    for name in ("code.pth", "code2.pth"):
+        code, out, err = run_cli("import", *[str(spec), str(tmp_path / name), "--from", "cav-mae", "-o", str(tmp_path / "o")])
+        assert code == 2 and "unpickled code ran" not in out + err
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "obj.npz", "w") as z:
+        z.write(tmp_path / "obj.npy", "obj.npy")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "obj.npz"), "--from", "mbt", "-o", str(tmp_path / "o")])
+    assert code == 2 and "cannot be read as .npz" in (out + err)
+    hostile = _cav_reference(tmp_path) | {"\x1b[2J" + "x" * 5000: torch.zeros(1)}  # a name that drives the terminal
+    torch.save(hostile, tmp_path / "name.pth")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "name.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
+    assert code == 2 and "\\x1b[2Jxxx" in err and "\x1b" not in err and len(err) < 2000
+    monkeypatch.setattr(limits, "MAX_IMPORT_BYTES", 1000)
+    np.savez_compressed(tmp_path / "bomb.npz", a=np.zeros(100_000, np.float32))  # a few hundred bytes packed
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "bomb.npz"), "--from", "mbt", "-o", str(tmp_path / "o")])
+    assert code == 2 and "once unpacked, more than the limit" in (out + err)
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "big.pth")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "big.pth"), "--from", "cav-mae", "-o", str(tmp_path / "o")])
+    assert code == 2 and "more than the limit of 1,000" in (out + err)
+
+
+def test_a_state_dict_nested_in_a_training_checkpoint_is_found(tmp_path):
+    fmt = porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch", "nested_in": ["state_dict"],
+                                "strip_prefix": ["module."], "tensors": [{"to": "a", "from": "w"}]}, "x.yaml")
+    torch.save({"epoch": 3, "state_dict": {"module.w": torch.ones(2)}}, tmp_path / "c.pt")
+    state = porting.read_checkpoint(tmp_path / "c.pt", fmt, 10**6, 10)
+    assert list(state) == ["w"]
+    assert porting.port(fmt, state, {"a": torch.zeros(2)}).state["a"].tolist() == [1.0, 1.0]
+    torch.save({"epoch": 3, "w": torch.ones(2)}, tmp_path / "d.pt")  # no state dict inside: not tensors only
+    with pytest.raises(porting.CheckpointReadError, match="entry 'epoch' is a int, not a tensor"):
+        porting.read_checkpoint(tmp_path / "d.pt", fmt, 10**6, 10)
+
+
+def test_an_unknown_format_gets_a_suggestion(run_cli, tmp_path):
+    code, out, err = run_cli("import", *["tiny/cav-mae", str(tmp_path / "x.pth"), "--from", "cav_mae"])
+    assert code == 2 and "did you mean 'cav-mae'" in (out + err)
+
+
+def test_every_shipped_format_parses_and_names_its_own_file():
+    assert {"cav-mae", "cav-mae-ft", "mbt"} <= set(porting.format_names())
+    for name in porting.format_names():
+        assert porting.load_format(name).name == name
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"tensors": [{"to": "a.{w}", "from": "b"}]}, "uses {w}, which no group of the row sets"),
+    ({"tensors": [{"to": "a", "from": "b", "how": "nope"}]}, "no transform 'nope'"),
+    ({"transforms": {"t": [{"spin": [1]}]}, "tensors": []}, "unknown step 'spin'"),
+    ({"tensors": [{"to": "a.{w}", "from": "b.{w}", "each": [{"w": [1, 2], "v": [1]}]}]}, "one length"),
+    ({"tensors": [], "extra": 1}, "unknown key 'extra'"),
+])
+def test_a_malformed_format_is_named(bad, message):
+    data = {"format": "x", "doc": "d", "spec": "s", "file": "torch", **bad}
+    with pytest.raises(porting.FormatError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
+        porting.parse_format(data, "x.yaml")
+
+
+def test_a_tensor_used_twice_is_a_format_error():
+    fmt = porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch",
+                                "tensors": [{"to": "a", "from": "s"}, {"to": "b", "from": "s"}]}, "x.yaml")
+    with pytest.raises(porting.FormatError, match="uses a tensor twice: checkpoint s"):
+        porting.port(fmt, {"s": torch.zeros(2)}, {"a": torch.zeros(2), "b": torch.zeros(2)})
+
+
+def test_regrid_transposes_the_grid_on_one_axis():
+    # a reference order f * T + t (2 frequency rows x 3 time columns) read time-major: t * F + f
+    t = torch.arange(6.0).view(1, 6, 1)
+    assert porting.apply_steps((("regrid", (1, 2)),), (t,)).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_reshape_and_flatten_steps():
+    t = torch.arange(12.0).view(3, 4)
+    assert porting.apply_steps((("reshape", (1, -1, 4)),), (t,)).shape == (1, 3, 4)
+    assert porting.apply_steps((("flatten", (0, 1)),), (t,)).tolist() == list(range(12))
+
+
+def test_summarise_groups_layer_numbers():
+    names = [f"blocks_a.{i}.norm1_a.weight" for i in (0, 1, 2, 5)] + ["mask_token"]
+    assert porting.summarise(names) == ["blocks_a.{0-2,5}.norm1_a.weight", "mask_token"]
