@@ -25,6 +25,7 @@ NOT_OPERATORS = {
     ("none", "runtime/embeddings.py"): "a patch tokenizer's norm choice",
     ("relu", "runtime/encoder.py"): "an encoder activation",
     ("none", "runtime/losses.py"): "torch's reduction argument",
+    ("none", "runtime/porting.py"): "text shown for an empty list",
     ("mean", "runtime/losses.py"): "bce's reduction choice",
     ("nce", "runtime/train/toy.py"): "the toy model's own loss name",
 }
