@@ -169,14 +169,14 @@ def test_zorro_table_sets_every_tensor_once_and_lists_left_overs():
     model = _small_model()
     state = _port_state(64, 2, 170, 16)
     t = parity_zorro.transforms(64)
-    ported = parity.port(model, state, parity_zorro.ZORRO_WEIGHTS, (), parity_zorro.ZORRO_NOT_WEIGHTS, t, parity_zorro.ZORRO_OWN)
+    ported = parity.port_table(model, state, parity_zorro.ZORRO_WEIGHTS, (), parity_zorro.ZORRO_NOT_WEIGHTS, t, parity_zorro.ZORRO_OWN)
     assert set(ported.state) == set(model.state_dict())
     assert sum(p.numel() for p in model.parameters()) - sum(v.numel() for k, v in state.items()
                                                              if not re.fullmatch(parity_zorro.ZORRO_NOT_WEIGHTS, k)) \
         == 3 * (64 * 512 + 512)  # the projectors, avdsl's own
     state["layers.0.1.2.weight"] = torch.randn(3)
     with pytest.raises(SystemExit, match=r"left over: layers\.0\.1\.2\.weight"):
-        parity.port(model, state, parity_zorro.ZORRO_WEIGHTS, (), parity_zorro.ZORRO_NOT_WEIGHTS, t, parity_zorro.ZORRO_OWN)
+        parity.port_table(model, state, parity_zorro.ZORRO_WEIGHTS, (), parity_zorro.ZORRO_NOT_WEIGHTS, t, parity_zorro.ZORRO_OWN)
 
 
 def test_zorro_transforms_keep_the_ports_functions():
