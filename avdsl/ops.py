@@ -302,6 +302,7 @@ def _patch_cost(window: Callable) -> Callable:
 
 
 # the LayerNorms a patch tokenizer may put around its projection (`norm=`), with their epsilon
+REDUCTIONS = ("mean", "sum")  # how a loss reduces its per-item terms (`bce` adds `sum_classes`)
 TOKEN_NORMS = ("none", "before", "after", "both")
 _TOKEN_NORM_PARAMS = (Param("norm", "name", "none", keyword=True), Param("eps", "float", 1e-5, keyword=True))
 _TOKEN_NORM_DOC = (" `norm=before|after|both` puts a LayerNorm (weight and bias, epsilon `eps`) on the patch values before "
@@ -678,18 +679,22 @@ _add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text 
            (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0), T("learn_tau", "bool", False)),
            _nce_shape, lambda b: OpCost(1 if b["learn_tau"] else 0), _learned_tau("gamma"),
            function="losses.focal_contrastive", weights_if="learn_tau", contrastive=True))
-_add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE).",
-           (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True)), _mse_shape,
-           function="losses.masked_mse", evaluates="reconstruction"))
-_add(OpDef("ce", "loss", "Softmax cross-entropy against class indices.", (T("logits", "tensor"), T("target", "tensor"),
-                                                                          T("label_smoothing", "float", 0.0)), _ce_shape,
-           function="losses.ce", evaluates="classifier"))
+_add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE); "
+           "`reduction=sum` sums over the masked patches instead of averaging.",
+           (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True),
+            T("reduction", "name", "mean")), _mse_shape,
+           choices={"reduction": REDUCTIONS}, function="losses.masked_mse", evaluates="reconstruction"))
+_add(OpDef("ce", "loss", "Softmax cross-entropy against class indices; `reduction=sum` sums over the batch instead of averaging.",
+           (T("logits", "tensor"), T("target", "tensor"), T("label_smoothing", "float", 0.0), T("reduction", "name", "mean")),
+           _ce_shape, choices={"reduction": REDUCTIONS}, function="losses.ce", evaluates="classifier"))
 _add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label); `reduction=sum_classes` sums over classes "
            "and averages over the batch (scenic, MBT) instead of averaging over both.",
            (T("logits", "tensor"), T("target", "tensor"), T("reduction", "name", "mean")),
-           _bce_shape, choices={"reduction": ("mean", "sum_classes")}, function="losses.bce", evaluates="multilabel"))
-_add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding.",
-           (T("logits", "tensor"), T("tokens", "tensor")), _next_token_shape, function="losses.next_token", evaluates="caption"))
+           _bce_shape, choices={"reduction": REDUCTIONS + ("sum_classes",)}, function="losses.bce", evaluates="multilabel"))
+_add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding: the mean over real target "
+           "tokens, or with `reduction=sum` their sum.",
+           (T("logits", "tensor"), T("tokens", "tensor"), T("reduction", "name", "mean")), _next_token_shape,
+           choices={"reduction": REDUCTIONS}, function="losses.next_token", evaluates="caption"))
 
 
 def of_category(category: str) -> list[OpDef]:
