@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble",
-                                         "reference-cavmae", "reference-cavmae-once", "profile"])
+                                         "reference-cavmae", "reference-cavmae-once", "profile", "precision"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=60.0,
                         help="step: skip a configuration whose predicted step time exceeds this many seconds")
     parser.add_argument("--members", type=int, default=4, help="ensemble: runs trained together")
+    parser.add_argument("--steps", type=int, default=300, help="precision: training steps per run")
+    parser.add_argument("--out", help="precision: folder for the runs and the picture (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.what == "peak":
         from .timing import machine_peaks
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
         result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope)
         text = step.render(result)
+    elif args.what == "precision":
+        from . import precision
+
+        result = precision.run(args.specs[0] if args.specs else "tiny/cav-mae", args.steps, args.out)
+        text = precision.render(result)
     elif args.what == "ensemble":
         from . import ensemble
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16w")
 
 
 def autocast(device: torch.device | str, precision: str) -> torch.autocast:
-    """bf16 autocast on ``device`` for ``precision="bf16"``; for "fp32" a context that changes nothing."""
+    """bf16 autocast on ``device`` for ``precision="bf16"`` (and for evaluating a ``bf16w`` run, whose
+    model holds fp32 master weights); for "fp32" a context that changes nothing."""
     device_type = device if isinstance(device, str) else device.type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision in ("bf16", "bf16w"))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

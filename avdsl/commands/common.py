@@ -65,7 +65,8 @@ def report(error: SpecError | CommandError | TyperException, as_json: bool = Fal
 
 class Precision(str, Enum):
     fp32 = "fp32"
-    bf16 = "bf16"
+    bf16 = "bf16"  # autocast
+    bf16w = "bf16w"  # bf16 weights and activations, fp32 master weights (runtime/train/master.py)
 
 
 def complete_spec(incomplete: str) -> list[str]:

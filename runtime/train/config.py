@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16w")
 STRATEGIES = ("ddp", "fsdp")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -27,7 +27,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "bf16w" (bf16 weights, fp32 masters: train/master.py)
     compile: bool = False  # wrap the model in torch.compile
     seed: int = 0
     eval_every: int = 200

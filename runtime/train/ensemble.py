@@ -187,7 +187,8 @@ def train_ensemble(
     loaders = [iter(make_step_loader(m.train_set, m.config.batch_size, m.config.seed, start_step, m.config.steps,
                                      0, 1, m.config.workers, collate_fn)) for m in members]
     forward = Vectorized(models, randomness)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if first.precision == "bf16" else contextlib.nullcontext()
+    # bf16w trains lone runs only; an ensemble of bf16w runs uses autocast, as their evaluation does
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if first.precision != "fp32" else contextlib.nullcontext()
 
     failed: dict[int, NonFiniteLoss] = {}
     metrics: list[dict] = [{} for _ in members]

@@ -43,6 +43,7 @@ from . import distributed
 from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
+from .master import Bf16Copy
 from .report import MetricsLog, RunSummary, summary_table, write_curves, write_summary
 from .sampling import make_step_loader
 from .schedule import make_scheduler
@@ -245,18 +246,28 @@ def train(
     if rng is not None:
         restore_rng_state(rng)
 
+    # bf16w: forward and backward on a bf16 copy; `model` keeps the fp32 master weights (master.py)
+    half = Bf16Copy(model) if config.precision == "bf16w" else None
+    if half is not None:
+        if info.distributed:
+            raise ValueError("precision bf16w trains in one process; use bf16 (autocast) with --nproc")
+        runner = half
     cache_key = None
     if config.compile:
         # a rebuild of an unchanged spec loads what an earlier run compiled instead of compiling again
         cache_key = compile_cache.CacheKey(spec_hash, config.precision, config.batch_size, "train")
         compile_cache.load(cache_key)
-        if not regional.compile_layers(model):  # each distinct encoder layer compiled once, reused
-            runner = torch.compile(runner)  # a model without encoder layers: the whole of it
+        compiled = half.module if half is not None else model
+        if not regional.compile_layers(compiled):  # each distinct encoder layer compiled once, reused
+            if half is not None:
+                half.module = torch.compile(half.module)
+            else:
+                runner = torch.compile(runner)  # a model without encoder layers: the whole of it
 
     log = MetricsLog(run_dir, start_step, resumed=latest is not None, enabled=main)
     if main and latest is None:
         log.write("eval", 0, baseline)
-    autocast = devices.autocast(device, config.precision)
+    autocast = devices.autocast(device, "fp32" if half is not None else config.precision)
     global_batch = config.batch_size * info.world_size
     loader = make_step_loader(
         train_set, config.batch_size, config.seed, start_step, config.steps,
@@ -313,6 +324,8 @@ def train(
                 if not flags.no_batch and not flags.nonfinite:
                     runner_loss = result["loss"]
                     runner_loss.backward()
+                    if half is not None:
+                        half.gradients_to_masters()
                     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
                     grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                     if not math.isfinite(grad_norm):
@@ -321,6 +334,8 @@ def train(
                     else:
                         values["grad_norm"] = grad_norm
                         optimizer.step()
+                        if half is not None:
+                            half.masters_to_copy()
                 optimizer.zero_grad(set_to_none=True)
                 if flags.no_batch or flags.nonfinite:
                     if flags.nonfinite and config.on_nonfinite == "stop":
