@@ -33,6 +33,11 @@ that the command line can list the formats without loading it.) The keys of a fo
     - ``{regrid: [axis, rows]}``: axis ``axis`` holds a ``rows x cols`` grid in row-major order
       (``cols`` follows from the axis' length); it is re-ordered column-major, i.e. the grid is
       transposed. Token and value orders that differ by the two axes of a patch grid are this.
+    - ``{unsqueeze: [axis]}``: a new axis of length 1 at ``axis`` (``tensor.unsqueeze``): a
+      ``[tokens, width]`` table of any width as avdsl's ``[1, tokens, width]`` is ``unsqueeze: [0]``;
+    - ``{reorder: [axis, k0, k1, ...]}``: axis ``axis`` cut into as many equal parts as ``k``'s are
+      listed, put back in the order ``k0, k1, ...`` (a permutation of 0..n-1): the two halves of a
+      gated feed-forward's first projection in the other order are ``reorder: [0, 1, 0]``.
 
     A row with several source tensors applies its steps to each and concatenates the results along
     axis 0 (separate query, key and value projections into one fused ``qkv``). A new kind of step is
@@ -55,9 +60,13 @@ that the command line can list the formats without loading it.) The keys of a fo
 ``unused`` (optional)
     regular expressions (matching whole names) of checkpoint tensors the reference's forward never
     reads; they are reported and not imported.
+``own`` (optional)
+    regular expressions (matching whole names) of avdsl tensors the reference has no counterpart of
+    (a projector the paper adds that the reference code lacks): they keep the values the model is
+    built with (its initialisation) and are reported.
 
-Every avdsl tensor is set by exactly one row, every checkpoint tensor is used by exactly one row (or
-is fixed or unused); otherwise :func:`port` raises :class:`PortError` listing what is missing, what is
+Every avdsl tensor is set by exactly one row (or is own), every checkpoint tensor is used by exactly
+one row (or is fixed or unused); otherwise :func:`port` raises :class:`PortError` listing what is missing, what is
 left over, and every shape that does not fit (with both names and shapes).
 """
 from __future__ import annotations
@@ -76,9 +85,9 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT_KEYS = ("format", "doc", "spec", "file", "nested_in", "strip_prefix", "transforms", "groups", "tensors",
-               "fixed", "unused")
+               "fixed", "unused", "own")
 ROW_KEYS = ("to", "from", "how", "each")
-STEPS = ("permute", "flatten", "reshape", "regrid")
+STEPS = ("permute", "flatten", "reshape", "regrid", "unsqueeze", "reorder")
 FILE_KINDS = ("torch", "npz")
 FIXED_TOLERANCE = 1e-4  # of the largest value of a fixed table
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -113,6 +122,7 @@ class Format:
     tensors: tuple[Row, ...]
     fixed: tuple[Row, ...]
     unused: tuple[str, ...]
+    own: tuple[str, ...] = ()
 
 
 @dataclass
@@ -122,6 +132,7 @@ class Ported:
     state: dict
     fixed: list = field(default_factory=list)  # checkpoint tensors checked against the model's own table
     unused: list = field(default_factory=list)  # checkpoint tensors the reference never reads
+    own: list = field(default_factory=list)  # avdsl tensors the reference lacks: the model's own values
 
 
 @dataclass
@@ -185,6 +196,11 @@ def _steps(name: str, value, where: str) -> tuple[tuple[str, tuple[int, ...]], .
             raise FormatError(f"{where}: transform {name!r}: {kind} takes a list of whole numbers")
         if kind in ("flatten", "regrid") and len(args) != 2:
             raise FormatError(f"{where}: transform {name!r}: {kind} takes two numbers")
+        if kind == "unsqueeze" and len(args) != 1:
+            raise FormatError(f"{where}: transform {name!r}: unsqueeze takes one number")
+        if kind == "reorder" and (len(args) < 3 or sorted(args[1:]) != list(range(len(args) - 1))):
+            raise FormatError(f"{where}: transform {name!r}: reorder takes an axis, then an order of its parts "
+                              "(a permutation of 0, 1, ..., n-1)")
         steps.append((kind, tuple(args)))
     return tuple(steps)
 
@@ -272,18 +288,19 @@ def parse_format(data, source: str) -> Format:
         raise FormatError(f"{source}: file must be one of {', '.join(FILE_KINDS)}")
     transforms = {name: _steps(name, steps, source) for name, steps in (data.get("transforms") or {}).items()}
     groups = dict(data.get("groups") or {})
-    unused = tuple(data.get("unused") or ())
-    for pattern in unused:
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as e:
-            raise FormatError(f"{source}: unused: {pattern!r} is not a regular expression ({e})") from None
+    unused, own = tuple(data.get("unused") or ()), tuple(data.get("own") or ())
+    for key, patterns in (("unused", unused), ("own", own)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise FormatError(f"{source}: {key}: {pattern!r} is not a regular expression ({e})") from None
     return Format(
         name=str(data["format"]), doc=str(data["doc"]), spec=str(data["spec"]), file=data["file"],
         nested_in=tuple(data.get("nested_in") or ()), strip_prefix=tuple(data.get("strip_prefix") or ()),
         tensors=_rows(data["tensors"], transforms, groups, f"{source}: tensors"),
         fixed=_rows(data.get("fixed") or [], transforms, groups, f"{source}: fixed"),
-        unused=unused,
+        unused=unused, own=own,
     )
 
 
@@ -387,13 +404,21 @@ def apply_steps(steps, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 t = t.flatten(*args)
             elif kind == "reshape":
                 t = t.reshape(*args)
-            else:  # regrid
+            elif kind == "regrid":
                 axis, rows = args
                 length = t.shape[axis]
                 if rows < 1 or length % rows:
                     raise ValueError(f"regrid: axis {axis} of length {length} is not a grid of {rows} rows")
                 order = torch.arange(length).view(rows, length // rows).T.reshape(-1)
                 t = t.index_select(axis, order)
+            elif kind == "unsqueeze":
+                t = t.unsqueeze(args[0])
+            else:  # reorder
+                axis, order = args[0], args[1:]
+                if t.shape[axis] % len(order):
+                    raise ValueError(f"reorder: axis {axis} of length {t.shape[axis]} is not {len(order)} equal parts")
+                pieces = t.chunk(len(order), dim=axis)
+                t = torch.cat([pieces[k] for k in order], dim=axis)
         parts.append(t)
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).contiguous()
 
@@ -468,14 +493,15 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
             state[row.to] = value.to(ours.dtype)
     if twice:
         raise FormatError(f"format {fmt.name} uses a tensor twice: " + "; ".join(twice[:10]))
-    missing += [f"{n} (avdsl, no row of the format sets it)" for n in sorted(set(names) - covered)]
+    own = sorted(n for n in names if n not in covered and any(re.fullmatch(p, n) for p in fmt.own))
+    missing += [f"{n} (avdsl, no row of the format sets it)" for n in sorted(set(names) - covered - set(own))]
     unused = sorted(k for k in checkpoint if k not in used and any(re.fullmatch(p, k) for p in fmt.unused))
     left = sorted(set(checkpoint) - set(used) - set(unused))
     if missing or left or shapes or fixed_differ:
         raise PortError(missing, left, shapes, fixed_differ)
-    for name in fixed_names:
+    for name in fixed_names + own:
         state[name] = model_state[name]
-    return Ported(state, sorted(s for r in expand(fmt.fixed, names) for s in r.sources), unused)
+    return Ported(state, sorted(s for r in expand(fmt.fixed, names) for s in r.sources), unused, own)
 
 
 def _clipped(text: str, limit: int = 300) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,22 @@ outputs:
   logits_audio: linear(first(mbt.audio), 5)
   logits_video: linear(first(mbt.video), 5, shared=logits_audio)
 """
+# the Zorro port at a tiny size: a 32-frame x 64-bin spectrogram (2 x 4 patches), 2 x 32 x 32 video
+# (4 tubelets), 4 fusion tokens, width 32, 2 layers, GEGLU inner width 48
+ZORRO_SPEC = """\
+avdsl: 1
+extends: zorro-port
+name: zorro-port-import-test
+inputs:
+  fbank[B, 32, 64]: fbank
+  frames[B, 3, 2, 32, 32]: video
+streams:
+  fusion: {latent: 4}
+encoders:
+  backbone: {width: 32, depth: 2, heads: 2, mlp_dim: 48}
+outputs:
+  pooled: attnpool(global_out, global_out, backbone.fusion, queries=3, heads=2, each=true, norm=true, residual=true, bias=false)
+"""
 
 
 def _vit_layer(prefix: str, d: int, per_modality_norms: bool = True) -> dict:
@@ -135,6 +152,26 @@ def mbt_shapes(d=32, heads=2, depth=2, classes=5, n_a=9, n_v=9, bottlenecks=5) -
     return s
 
 
+def zorro_port_shapes(width=32, depth=2, mlp=48, fusion=4, window=128) -> dict:
+    """The names and shapes of the port's ``Zorro.state_dict()`` (lucidrains/zorro-pytorch): 16 x 16
+    audio patches, 2 x 16 x 16 RGB tubelets, bias-free LayerNorms holding a zero ``beta`` buffer."""
+    s = {"return_tokens": (3, width), "attn_pool.norm.gamma": (width,), "attn_pool.norm.beta": (width,),
+         "attn_pool.to_q.weight": (width, width), "attn_pool.to_kv.weight": (2 * width, width),
+         "attn_pool.to_out.weight": (width, width), "spec.window": (window,), "fusion_tokens": (fusion, width),
+         "norm.gamma": (width,), "norm.beta": (width,)}
+    for name, values in (("audio", 256), ("video", 3 * 2 * 256)):
+        s |= {f"{name}_to_tokens.1.weight": (values,), f"{name}_to_tokens.1.bias": (values,),
+              f"{name}_to_tokens.2.weight": (width, values), f"{name}_to_tokens.2.bias": (width,),
+              f"{name}_to_tokens.3.weight": (width,), f"{name}_to_tokens.3.bias": (width,)}
+    for i in range(depth):
+        s |= {f"layers.{i}.0.norm.gamma": (width,), f"layers.{i}.0.norm.beta": (width,),
+              f"layers.{i}.0.to_q.weight": (width, width), f"layers.{i}.0.to_kv.weight": (2 * width, width),
+              f"layers.{i}.0.to_out.weight": (width, width), f"layers.{i}.1.0.gamma": (width,),
+              f"layers.{i}.1.0.beta": (width,), f"layers.{i}.1.1.weight": (2 * mlp, width),
+              f"layers.{i}.1.3.weight": (width, mlp)}
+    return s
+
+
 def _model(text: str, tmp_path):
     from avdsl.api import analyse_text
     from avdsl.compiler import compile_graph
@@ -162,7 +199,7 @@ def _cav_reference(tmp_path, ft: bool = False) -> dict:
 
 # the documented meaning of each transform, written independently of the steps that implement it
 MEANING = {
-    "copy": lambda t: t,
+    "copy": lambda *ts: torch.cat(ts),  # one tensor as it is; several concatenated (Q then K and V)
     "kernel_t": lambda t: t.transpose(-1, -2),  # Conv2d kernel, frequency x time -> time x frequency
     "values_t": lambda t: t.view(16, 16, *t.shape[1:]).transpose(0, 1).reshape(t.shape),  # patch values f*16+t -> t*16+f
     "dense": lambda k: k.T,
@@ -171,6 +208,11 @@ MEANING = {
     "heads_in": lambda *ks: torch.cat([k.reshape(k.shape[0], -1).T for k in ks]),
     "heads_bias": lambda *bs: torch.cat([b.reshape(-1) for b in bs]),
     "heads_out": lambda k: k.reshape(-1, k.shape[-1]).T,
+    # Zorro port: a Linear over (frequency, time) patch values -> a [width, 1, time, frequency] kernel
+    "audio_kernel": lambda w: w.view(-1, 16, 16).transpose(1, 2).reshape(-1, 1, 16, 16),
+    "video_kernel": lambda w: w.view(-1, 3, 2, 16, 16),  # (channel, t, h, w) values -> a tubelet kernel
+    "batch1": lambda t: t[None],
+    "gate_first": lambda w: torch.cat([w[len(w) // 2:], w[:len(w) // 2]]),  # (value, gate) -> (gate, value)
 }
 
 
@@ -179,7 +221,8 @@ def _check_every_tensor(fmt_name: str, reference: dict, run, model_state: dict) 
     assert set(written) == set(model_state)
     fmt = porting.load_format(fmt_name)
     rows = porting.expand(fmt.tensors, list(model_state))
-    assert {r.to for r in rows} | {r.to for r in fmt.fixed} == set(written)
+    own = {n for n in written if any(re.fullmatch(p, n) for p in fmt.own)}
+    assert not own & {r.to for r in rows} and {r.to for r in rows} | {r.to for r in fmt.fixed} | own == set(written)
     for row in rows:
         expected = MEANING[row.how](*(reference[s] for s in row.sources))
         assert torch.equal(written[row.to], expected), row.to
@@ -238,6 +281,63 @@ def test_mbt_npz_imports_and_trains_from_it(run_cli, tmp_path):
     assert "resuming from" in err and (run / "step-000001").is_dir()
     code, out, err = run_cli("export", str(run / "step-000000"), "-o", str(tmp_path / "model.pt2"))
     assert code == 0, out + err
+
+
+def _zorro_reference() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v, generator=gen) for k, v in zorro_port_shapes().items()}
+    for name in state:
+        if name.endswith(".beta"):
+            state[name] = torch.zeros_like(state[name])  # the buffers of the port's bias-free LayerNorms
+    return state
+
+
+def test_zorro_port_checkpoint_imports_and_evaluates(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(ZORRO_SPEC)
+    reference = _zorro_reference()
+    source = tmp_path / "zorro.pt"
+    torch.save(reference, source)
+    run = tmp_path / "imported"
+    code, out, err = run_cli("import", *[str(spec), str(source), "--from", "zorro-port", "-o", str(run), "--json"])
+    assert code == 0, out + err
+    report = json.loads(out)
+    betas = 2 * 2 + 2  # each layer's two LayerNorms, the final one and the pool's
+    assert sorted(report["unused"]) == sorted([k for k in reference if k.endswith(".beta")] + ["spec.window"])
+    assert len(report["unused"]) == betas + 1 and report["fixed"] == []
+    assert report["own"] == [f"out_z{m}.{w}" for m in "afv" for w in ("bias", "weight")]
+    assert report["tensors"] + len(report["unused"]) + 3 == len(reference)  # to_q + to_kv -> one: 2 layers, the pool
+    _check_every_tensor("zorro-port", reference, run, _model(ZORRO_SPEC, tmp_path).state_dict())
+    written = load_file(str(run / "step-000000" / "model.safetensors"))
+    # the port's GEGLU, value * gelu(gate), is avdsl's gelu(first half) * second half after the transform
+    x = torch.randn(3, 32)
+    value, gate = (x @ reference["layers.0.1.1.weight"].T).chunk(2, dim=-1)
+    first, second = (x @ written["backbone.blocks.shared.0.fc1.weight"].T).chunk(2, dim=-1)
+    assert torch.allclose(torch.nn.functional.gelu(first) * second, value * torch.nn.functional.gelu(gate))
+    # the port's audio Linear over a patch's (frequency, time) values is avdsl's kernel over (time, frequency)
+    patch = torch.randn(16, 16)  # [time, frequency], as avdsl reads the spectrogram
+    ours = (written["audio_tokenize.proj.weight"][:, 0] * patch).sum(dim=(1, 2))
+    assert torch.allclose(ours, reference["audio_to_tokens.2.weight"] @ patch.T.reshape(-1), atol=1e-5)
+
+    code, out, err = run_cli(*["eval", str(run), "--batches", "1", "--batch-size", "2", "--json"])
+    assert code == 0, out + err
+
+
+def test_zorro_port_lists_missing_and_left_over_tensors(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(ZORRO_SPEC)
+    reference = _zorro_reference()
+    del reference["layers.1.0.to_kv.weight"]
+    reference["layers.0.1.2.weight"] = torch.zeros(3)  # the GEGLU has no weights: not a tensor of the port
+    reference |= {k.replace("layers.1.", "layers.2."): v for k, v in reference.items() if k.startswith("layers.1.")}
+    torch.save(reference, tmp_path / "zorro.pt")
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "zorro.pt"), "--from", "zorro-port",
+                                         "-o", str(tmp_path / "o"), "--json"])
+    assert code == 2
+    error = json.loads(out)["error"]
+    assert error["missing"] == ["layers.1.0.to_kv.weight (checkpoint, for backbone.blocks.shared.1.qkv.weight)"]
+    third = {k for k in reference if k.startswith("layers.2.") and not k.endswith(".beta")}
+    assert set(error["left_over"]) == third | {"layers.0.1.2.weight"}  # a third layer the spec does not have
 
 
 def test_init_refuses_a_checkpoint_of_another_model(run_cli, tmp_path):
@@ -344,7 +444,7 @@ def test_an_unknown_format_gets_a_suggestion(run_cli, tmp_path):
 
 
 def test_every_shipped_format_parses_and_names_its_own_file():
-    assert {"cav-mae", "cav-mae-ft", "mbt"} <= set(porting.format_names())
+    assert {"cav-mae", "cav-mae-ft", "mbt", "zorro-port"} <= set(porting.format_names())
     for name in porting.format_names():
         assert porting.load_format(name).name == name
 
@@ -379,6 +479,30 @@ def test_reshape_and_flatten_steps():
     t = torch.arange(12.0).view(3, 4)
     assert porting.apply_steps((("reshape", (1, -1, 4)),), (t,)).shape == (1, 3, 4)
     assert porting.apply_steps((("flatten", (0, 1)),), (t,)).tolist() == list(range(12))
+
+
+def test_unsqueeze_and_reorder_steps():
+    t = torch.arange(6.0)
+    assert porting.apply_steps((("unsqueeze", (0,)),), (t,)).shape == (1, 6)
+    assert porting.apply_steps((("reorder", (0, 1, 0)),), (t,)).tolist() == [3, 4, 5, 0, 1, 2]
+    assert porting.apply_steps((("reorder", (0, 2, 0, 1)),), (t,)).tolist() == [4, 5, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="is not 4 equal parts"):
+        porting.apply_steps((("reorder", (0, 1, 0, 3, 2)),), (t,))
+    for bad in ([0, 1, 1], [0, 1], [0, 0, 2]):
+        with pytest.raises(porting.FormatError, match="a permutation of 0, 1, ..., n-1"):
+            porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch",
+                                  "transforms": {"t": [{"reorder": bad}]}, "tensors": []}, "x.yaml")
+
+
+def test_own_tensors_keep_the_models_values_and_others_are_still_missing():
+    fmt = porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch", "own": ["head\\..*"],
+                                "tensors": [{"to": "a", "from": "w"}]}, "x.yaml")
+    model = {"a": torch.zeros(2), "head.weight": torch.full((2,), 7.0)}
+    ported = porting.port(fmt, {"w": torch.ones(2)}, model)
+    assert ported.own == ["head.weight"] and ported.state["head.weight"].tolist() == [7.0, 7.0]
+    with pytest.raises(porting.PortError) as e:
+        porting.port(fmt, {"w": torch.ones(2)}, model | {"body.weight": torch.zeros(1)})
+    assert e.value.missing == ["body.weight (avdsl, no row of the format sets it)"]
 
 
 def test_summarise_groups_layer_numbers():

@@ -1,9 +1,11 @@
-"""The weight mappings of the parity scripts (benchmarks/parity.py, parity_mbt.py), which are the formats of
-`avdsl import` (runtime/formats/*.yaml): at the paper sizes every tensor of the avdsl model is set exactly
+"""The weight mappings of the parity scripts (benchmarks/parity.py, parity_mbt.py, parity_zorro.py), which
+are the formats of `avdsl import` (runtime/formats/*.yaml): at the paper sizes every tensor of the avdsl model is set exactly
 once, or listed as a fixed table each side builds itself, and the layout changes are right. Runs without
 the reference code: the reference's names are the ones the format gives, its tensors the avdsl model's
 own (on the meta device)."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -70,3 +72,13 @@ def test_flax_layouts_become_torch_layouts():
     heads = torch.randn(3, 2, 4)
     assert torch.allclose(heads.reshape(3, 8) @ porting.apply_steps(_steps("heads_out"), (out,)).T,
                           torch.einsum("nhk,hkd->nd", heads, out), atol=1e-5)
+
+
+def test_zorro_format_names_every_tensor_of_zorro_port_once_but_the_projectors():
+    model = compile_graph(analyse("zorro-port").graph, device="meta")
+    ours = list(model.state_dict())
+    fmt = porting.load_format("zorro-port")
+    named = [row.to for row in porting.expand(fmt.tensors, ours)]
+    own = [n for n in ours if any(re.fullmatch(p, n) for p in fmt.own)]
+    assert own == [f"out_z{m}.{w}" for m in "avf" for w in ("weight", "bias")]  # the paper's, not the port's
+    assert sorted(named + own) == sorted(ours)  # each once, none missing
