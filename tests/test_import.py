@@ -481,17 +481,65 @@ def test_reshape_and_flatten_steps():
     assert porting.apply_steps((("flatten", (0, 1)),), (t,)).tolist() == list(range(12))
 
 
-def test_unsqueeze_and_reorder_steps():
+def test_unsqueeze_and_parts_steps():
     t = torch.arange(6.0)
     assert porting.apply_steps((("unsqueeze", (0,)),), (t,)).shape == (1, 6)
-    assert porting.apply_steps((("reorder", (0, 1, 0)),), (t,)).tolist() == [3, 4, 5, 0, 1, 2]
-    assert porting.apply_steps((("reorder", (0, 2, 0, 1)),), (t,)).tolist() == [4, 5, 0, 1, 2, 3]
+    assert porting.apply_steps((("parts", (0, 2, 1, 0)),), (t,)).tolist() == [3, 4, 5, 0, 1, 2]
+    assert porting.apply_steps((("parts", (0, 3, 2, 0)),), (t,)).tolist() == [4, 5, 0, 1]
+    assert porting.apply_steps((("parts", (0, 3, 1)),), (t,)).tolist() == [2, 3]
     with pytest.raises(ValueError, match="is not 4 equal parts"):
-        porting.apply_steps((("reorder", (0, 1, 0, 3, 2)),), (t,))
-    for bad in ([0, 1, 1], [0, 1], [0, 0, 2]):
-        with pytest.raises(porting.FormatError, match="a permutation of 0, 1, ..., n-1"):
-            porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch",
-                                  "transforms": {"t": [{"reorder": bad}]}, "tensors": []}, "x.yaml")
+        porting.apply_steps((("parts", (0, 4, 1, 0)),), (t,))
+    for bad in ([0, 2, 1, 1], [0, 2], [0, 2, 2], [0, 0, 0]):
+        with pytest.raises(porting.FormatError, match="each of 0..n-1 at most once"):
+            _format(transforms={"t": [{"parts": bad}]})
+    with pytest.raises(porting.FormatError, match="parts comes first"):
+        _format(transforms={"t": [{"permute": [1, 0]}, {"parts": [0, 2, 0]}]})
+
+
+def _format(**data) -> porting.Format:
+    return porting.parse_format({"format": "x", "doc": "d", "spec": "s", "file": "torch", "tensors": [], **data}, "x.yaml")
+
+
+def test_rows_may_share_a_tensor_only_by_taking_different_parts_of_it():
+    packed = torch.arange(6.0).view(3, 2)  # query, key, value rows of a packed projection
+    rows = [{"to": "q", "from": "w", "how": "q"}, {"to": "kv", "from": "w", "how": "kv"}]
+    fmt = _format(transforms={"q": [{"parts": [0, 3, 0]}], "kv": [{"parts": [0, 3, 1, 2]}]}, tensors=rows)
+    ported = porting.port(fmt, {"w": packed}, {"q": torch.zeros(1, 2), "kv": torch.zeros(2, 2)})
+    assert ported.state["q"].tolist() == [[0, 1]] and ported.state["kv"].tolist() == [[2, 3], [4, 5]]
+    # a part no row takes is left over; two rows taking one part use it twice
+    fmt = _format(transforms={"q": [{"parts": [0, 3, 0]}]}, tensors=rows[:1])
+    with pytest.raises(porting.PortError) as e:
+        porting.port(fmt, {"w": packed}, {"q": torch.zeros(1, 2)})
+    assert e.value.left_over == ["w (parts 1, 2 of 3 on axis 0: no row takes them)"]
+    fmt = _format(transforms={"q": [{"parts": [0, 3, 0]}], "kv": [{"parts": [0, 3, 0, 2]}]}, tensors=rows)
+    with pytest.raises(porting.FormatError, match="uses a tensor twice: checkpoint w \\(for q and kv\\)"):
+        porting.port(fmt, {"w": packed}, {"q": torch.zeros(1, 2), "kv": torch.zeros(2, 2)})
+
+
+def test_layer_index_arithmetic_maps_every_second_layer_to_its_own_list():
+    fmt = _format(tensors=[{"to": "dec.{i}.a", "from": "blocks.{i}.a"},
+                           {"to": "dec.{i*2}.cross", "from": "cross.{i}"},
+                           {"to": "dec.{i*2+1}.mlp", "from": "blocks.{i*2+1}.mlp"},
+                           {"to": "dec.{i*2}.mlp", "from": "cross.{i}.mlp"}])
+    model = {f"dec.{n}.a": torch.zeros(1) for n in range(4)} | {f"dec.{n}.mlp": torch.zeros(1) for n in range(4)}
+    model |= {"dec.0.cross": torch.zeros(1), "dec.2.cross": torch.zeros(1)}
+    rows = {r.to: r.sources for r in porting.expand(fmt.tensors, list(model))}
+    assert rows["dec.2.cross"] == ("cross.1",) and rows["dec.3.mlp"] == ("blocks.3.mlp",) and rows["dec.2.mlp"] == ("cross.1.mlp",)
+    assert set(rows) == set(model)
+    checkpoint = {f"blocks.{n}.a": torch.full((1,), n) for n in range(4)} | {"blocks.1.mlp": torch.ones(1),
+                  "blocks.3.mlp": torch.ones(1), "cross.0": torch.ones(1), "cross.1": torch.ones(1),
+                  "cross.0.mlp": torch.ones(1), "cross.1.mlp": torch.ones(1), "cross.2": torch.ones(1)}
+    with pytest.raises(porting.PortError) as e:  # a third cross-attention entry for a 4-layer model
+        porting.port(fmt, checkpoint, model)
+    assert e.value.left_over == ["cross.2"] and not e.value.missing
+    with pytest.raises(porting.FormatError, match="A is a whole number of at least 1"):
+        _format(tensors=[{"to": "dec.{i*0}.x", "from": "b.{i}"}])
+
+
+def test_zeros_set_a_bias_the_reference_has_not():
+    fmt = _format(tensors=[{"to": "proj.weight", "from": "conv.weight"}], zeros=["proj\\.bias"])
+    ported = porting.port(fmt, {"conv.weight": torch.ones(2, 2)}, {"proj.weight": torch.zeros(2, 2), "proj.bias": torch.ones(2)})
+    assert ported.zeros == ["proj.bias"] and ported.state["proj.bias"].tolist() == [0.0, 0.0]
 
 
 def test_own_tensors_keep_the_models_values_and_others_are_still_missing():
