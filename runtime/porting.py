@@ -75,8 +75,9 @@ that the command line can list the formats without loading it.) The keys of a fo
     function when zero (the bias of a layer that has none in the reference): set to zeros, reported.
 
 Every avdsl tensor is set by exactly one row (or is own or zeros), every checkpoint tensor is used
-by exactly one row (or by rows taking parts of it, or is fixed or unused); otherwise :func:`port` raises :class:`PortError` listing what is missing, what is
-left over, and every shape that does not fit (with both names and shapes).
+by exactly one row (or by rows taking different parts of it, or is fixed or unused); otherwise
+:func:`port` raises :class:`PortError` listing what is missing, what is left over, and every shape
+that does not fit (with both names and shapes).
 """
 from __future__ import annotations
 
@@ -456,10 +457,15 @@ def expand(rows: tuple[Row, ...], names) -> list[Row]:
             out.append(row)
             continue
         a, b = int(first.group(1) or 1), int(first.group(2) or 0)
-        pattern = re.compile(r"(\d+)".join(re.escape(part) for part in _INDEX.split(row.to)[::3]) + "$")
-        indices = sorted({(n - b) // a for name in names if (m := pattern.match(name))
-                          for n in [int(m.group(1))] if n >= b and (n - b) % a == 0 and _at(row.to, (n - b) // a) == name})
-        for i in indices:
+        literal = _INDEX.split(row.to)[::3]  # the text between the index expressions
+        pattern = re.compile(r"(\d+)".join(re.escape(part) for part in literal) + "$")
+        indices = set()
+        for name in names:
+            m = pattern.match(name)
+            n = int(m.group(1)) if m else -1
+            if n >= b and (n - b) % a == 0 and _at(row.to, (n - b) // a) == name:
+                indices.add((n - b) // a)
+        for i in sorted(indices):
             out.append(Row(_at(row.to, i), tuple(_at(s, i) for s in row.sources), row.how, row.steps))
         if not indices:
             out.append(row)  # names no tensor of the model: reported as missing below
@@ -475,6 +481,7 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
     (the model's own ``state_dict()``, also on the meta device). Raises PortError unless every avdsl
     tensor gets exactly one source and every checkpoint tensor is used once (whole, or in parts by
     several rows), fixed or unused."""
+    import torch
     names = list(model_state)
     state, used = {}, {}  # used: checkpoint name -> [(avdsl name, the parts it takes or None)]
     missing, shapes, fixed_differ, twice = [], [], [], []
@@ -533,9 +540,7 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
         raise PortError(missing, left, shapes, fixed_differ)
     for name in fixed_names + own:
         state[name] = model_state[name]
-    if zeros:
-        import torch
-        state.update({name: torch.zeros_like(model_state[name]) for name in zeros})
+    state.update({name: torch.zeros_like(model_state[name]) for name in zeros})
     return Ported(state, sorted(s for r in expand(fmt.fixed, names) for s in r.sources), unused, sorted(own), sorted(zeros))
 
 
