@@ -98,7 +98,7 @@ def build_graph(spec: Spec) -> Graph:
                 progressed = True
         for ename, enc in list(todo_encoders.items()):
             missing = [st for st in enc.streams if st not in stream_tensor]
-            mem_missing = [r for r in enc.memory.values() if r.name not in encoder_outputs]
+            mem_missing = [r for m in enc.memory.values() for r in _refs(m) if r.name not in encoder_outputs]
             if any(st not in spec.streams for st in enc.streams):
                 bad = next(st for st in enc.streams if st not in spec.streams)
                 raise SpecError(enc.locs.get("streams", enc.loc), f"encoder '{ename}' lists stream '{bad}', which is not declared",
@@ -120,10 +120,12 @@ def build_graph(spec: Spec) -> Graph:
         raise SpecError(loc, f"`from: {ref.name}` names no encoder output", did_you_mean(ref.name, known, "an encoder output")
                         or "write `encoder.stream` (or `encoder.pass.stream` for encoders with passes)")
     for ename, enc in todo_encoders.items():
-        missing = [st for st in enc.streams if st not in stream_tensor] + [r.name for r in enc.memory.values()
-                                                                            if r.name not in encoder_outputs]
-        raise SpecError(enc.loc, f"encoder '{ename}' cannot run: its input '{missing[0]}' is never computed",
-                        did_you_mean(missing[0], list(encoder_outputs), "an encoder output") or
+        missing = [(st, enc.loc) for st in enc.streams if st not in stream_tensor]
+        missing += [(r.name, spec.loc("encoders", ename, "memory", local).shifted(r.col))
+                    for local, m in enc.memory.items() for r in _refs(m) if r.name not in encoder_outputs]
+        name, loc = missing[0]
+        raise SpecError(loc, f"encoder '{ename}' cannot run: its input '{name}' is never computed",
+                        did_you_mean(name, list(encoder_outputs), "an encoder output") or
                         "check for a cycle between encoders and `from:` streams")
 
     for name, s in spec.streams.items():
@@ -263,7 +265,17 @@ def _add_encoder(graph, spec, ename, enc, stream_tensor, encoder_outputs, names)
     if enc.stream_sizes and enc.weights != "per_stream":
         raise SpecError(enc.locs.get("sizes", enc.loc), "per-stream `sizes` need `weights: per_stream`",
                         "set `weights: per_stream`, or remove `sizes`")
-    inputs = tuple(stream_tensor[s] for s in enc.streams) + tuple(encoder_outputs[r.name] for r in enc.memory.values())
+    known = _Names()
+    for key, tensor in encoder_outputs.items():
+        known.add(key, tensor, "encoder output")
+    memory_in = []
+    for local, value in enc.memory.items():
+        if isinstance(value, ex.Call):  # a projection of an encoder output, computed once before this encoder
+            loc = spec.loc("encoders", ename, "memory", local)
+            memory_in.append(_add_call(graph, known, value, loc, f"memory.{ename}.{local}", ("pool", "project")))
+        else:
+            memory_in.append(encoder_outputs[value.name])
+    inputs = tuple(stream_tensor[s] for s in enc.streams) + tuple(memory_in)
     outputs = []
     for pname, plan in plans.items():
         computed = plan.streams()
@@ -273,6 +285,15 @@ def _add_encoder(graph, spec, ename, enc, stream_tensor, encoder_outputs, names)
             encoder_outputs[key] = key
     graph.add(EncoderNode(id=ename, inputs=inputs, outputs=tuple(outputs), loc=enc.loc, decl=enc, plans=plans,
                           streams=enc.streams, memory=memory))
+
+
+def _refs(node) -> list:
+    """The encoder outputs (dotted names) an expression reads, recursively."""
+    if isinstance(node, ex.Ref):
+        return [node] if len(node.parts) > 1 else []
+    if isinstance(node, ex.Call):
+        return [r for a in list(node.args) + [v for _, v in node.kwargs] for r in _refs(a)]
+    return []
 
 
 def _add_call(graph: Graph, names: _Names, call: ex.Call, loc: Loc, node_id: str, categories) -> str:

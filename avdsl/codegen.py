@@ -179,6 +179,9 @@ class _Emitter:
         text = f"{self.tensor(out)} = {self.call_text(node)}"
         if node.id.startswith("loss."):
             self.loss_lines.setdefault(node.id[len("loss."):].split("~")[0], []).append(text)
+        elif node.id.startswith("memory."):
+            encoder, local = node.component[1].split(".memory.")
+            self.emit(f"memory {local} of encoder {encoder}", node.loc, text + self.shape(out))
         else:
             self.emit("outputs", None, text + self.shape(out))
 
@@ -187,12 +190,13 @@ class _Emitter:
         args = [self.tensor(i) for i in node.inputs]
         if op.share and node.args.get(op.share):
             return f"self.{self.attrs['out.' + node.args[op.share]]}({', '.join(args)})"
-        if op.module:
+        if ops.has_module(op, node.args):
             return f"self.{self.attrs[node.id]}({', '.join(args)})"
+        values = {k: v for k, v in node.args.items() if k != op.weights_if}  # the switch is not the function's
         if op.positional:
-            args += [_literal(v) for v in node.args.values()]
+            args += [_literal(v) for v in values.values()]
         else:
-            args += [f"{k}={_literal(v)}" for k, v in node.args.items()]
+            args += [f"{k}={_literal(v)}" for k, v in values.items()]
         module, function = op.function.rsplit(".", 1)
         return f"{RUNTIME_GLOBALS[module]}.{function}({', '.join(args)})"
 

@@ -66,7 +66,7 @@ def _from(node, graph: Graph):
 
 def _call(node, graph: Graph):
     op = ops.OPS[node.op]
-    if op.module is None or (op.share and node.args.get(op.share)):
+    if not ops.has_module(op, node.args):
         return None  # a function, or the module of the output it shares (see `codegen`)
     return _build(op.module(call_bound(node, graph)))
 
@@ -96,7 +96,8 @@ def build_encoder(node: EncoderNode, graph: Graph) -> StreamTransformer:
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
     memory_widths = {m: graph.tensors[t].shape[-1] for m, t in stream_in.items()}  # what `(cross)` may read
     return StreamTransformer(plans, sizes, memory_widths=memory_widths, norms=enc.norms, final_norm=enc.final_norm,
-                             bias=enc.bias, eps=enc.norm_eps, activation=enc.activation, dropout=enc.dropout)
+                             bias=enc.bias, eps=enc.norm_eps, activation=enc.activation, dropout=enc.dropout,
+                             pre_norm=enc.pre_norm, memory_norm=enc.memory_norm, cross_mlp=enc.cross_mlp)
 
 
 def input_specs(graph: Graph) -> list[InputSpec]:

@@ -121,10 +121,11 @@ def _encoders(a: Analysis) -> dict:
         out[node.id] = {"streams": list(e.streams), "width": e.sizes.width, "depth": e.sizes.depth, "heads": e.sizes.heads,
                         "mlp_dim": e.sizes.mlp_dim, "weights": e.weights,
                         "passes": [p for p in node.plans if p] or None,
-                        "memory": {k: v.name for k, v in e.memory.items()} or None,
+                        "memory": {k: a.graph.spec.source.data["encoders"][e.name]["memory"][k] for k in e.memory} or None,
                         "sizes": {s: [z.width, z.depth, z.heads, z.mlp_dim] for s, z in e.stream_sizes.items()} or None,
                         "activation": e.activation, "norms": e.norms, "final_norm": e.final_norm, "bias": e.bias,
-                        "norm_eps": e.norm_eps, "dropout": e.dropout}
+                        "norm_eps": e.norm_eps, "dropout": e.dropout, "pre_norm": e.pre_norm, "memory_norm": e.memory_norm,
+                        "cross_mlp": e.cross_mlp}
     return out
 
 

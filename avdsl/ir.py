@@ -33,6 +33,9 @@ class Node:
             return "outputs", self.id[4:].split("~")[0]
         if self.id.startswith("loss."):
             return "losses", self.id[5:].split("~")[0]
+        if self.id.startswith("memory."):  # a projection of an encoder's memory: `memory.decoder.image_tokens`
+            encoder, local = self.id[7:].split("~")[0].split(".", 1)
+            return "encoders", f"{encoder}.memory.{local}"
         if self.kind == "encoder":
             return "encoders", self.id
         if getattr(self, "stream", None):

@@ -59,6 +59,7 @@ class OpDef:
     choices: dict = field(default_factory=dict)  # param -> allowed names
     # facts other passes read:
     share: str = ""  # the argument naming another output whose module this call runs (no weights of its own)
+    weights_if: str = ""  # a bool argument that gives a call weights (its `module`); without it the call is `function`
     contrastive: bool = False  # pulls matching rows of two different views together (lint L402; a retrieval task)
     evaluates: str = ""  # what evaluation scores: classifier | multilabel | reconstruction | caption | average
     input_kinds: tuple = ()  # tokenizers: the input kinds they cut into tokens
@@ -204,6 +205,21 @@ INPUT_EXAMPLES = {"ce": "e.g. `ce(logits, label)` with `label[B]: label(10)`",
                    "patches": "e.g. `patches(fbank, [16, 16])`"}
 
 
+def has_module(op: OpDef, args: dict) -> bool:
+    """Whether a call of ``op`` with ``args`` builds a module with weights (else it calls ``op.function``,
+    or, with ``share``, runs the module of another output)."""
+    if op.module is None or (op.share and args.get(op.share)):
+        return False
+    return not op.weights_if or bool(args.get(op.weights_if))
+
+
+def _learned_tau(*fixed: str) -> Callable:
+    """The module of a contrastive loss with ``learn_tau=true``: its function (by name in `losses`) with a
+    learned temperature; ``fixed`` names the other arguments it passes on."""
+    return lambda b: Runtime("losses.LearnedTemperature", (b.op.function.rsplit(".", 1)[1], b["tau"],
+                                                          tuple((k, b[k]) for k in fixed)))
+
+
 def usage(op: OpDef) -> str:
     parts = []
     for p in op.params:
@@ -286,6 +302,7 @@ def _patch_cost(window: Callable) -> Callable:
 
 
 # the LayerNorms a patch tokenizer may put around its projection (`norm=`), with their epsilon
+REDUCTIONS = ("mean", "sum")  # how a loss reduces its per-item terms (`bce` adds `sum_classes`)
 TOKEN_NORMS = ("none", "before", "after", "both")
 _TOKEN_NORM_PARAMS = (Param("norm", "name", "none", keyword=True), Param("eps", "float", 1e-5, keyword=True))
 _TOKEN_NORM_DOC = (" `norm=before|after|both` puts a LayerNorm (weight and bias, epsilon `eps`) on the patch values before "
@@ -649,27 +666,35 @@ _add(OpDef("l2norm", "project", "Scale rows to unit length.", (T("x", "tensor"),
 _add(OpDef("patches", "target", "Patch rows of an input, in tokenizer order: the reconstruction target of an MAE.",
            (T("x", "tensor"), T("size", "ints")), _patches_shape, function="losses.patchify", positional=True))
 # losses
-_add(OpDef("nce", "loss", "Softmax InfoNCE between row-aligned embeddings (both directions by default).",
-           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True)), _nce_shape,
-           function="losses.nce", contrastive=True))
+_add(OpDef("nce", "loss", "Softmax InfoNCE between row-aligned embeddings (both directions by default); "
+           "`learn_tau=true` learns the temperature from `tau` (CLIP's logit scale, capped at 100).",
+           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("both", "bool", True), T("learn_tau", "bool", False)),
+           _nce_shape, lambda b: OpCost(1 if b["learn_tau"] else 0), _learned_tau("both"), function="losses.nce",
+           weights_if="learn_tau", contrastive=True))
 _add(OpDef("mil_nce", "loss", "MIL-NCE between video and (several) text embeddings (VATT, MIL-NCE).",
            (T("video", "tensor"), T("text", "tensor"), T("tau", "float", 0.07), T("normalize", "bool", False)), _milnce_shape,
            function="losses.mil_nce", contrastive=True))
-_add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text similarity matrix (RO-ViT, MaMMUT).",
-           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0)), _nce_shape,
-           function="losses.focal_contrastive", contrastive=True))
-_add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE).",
-           (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True)), _mse_shape,
-           function="losses.masked_mse", evaluates="reconstruction"))
-_add(OpDef("ce", "loss", "Softmax cross-entropy against class indices.", (T("logits", "tensor"), T("target", "tensor"),
-                                                                          T("label_smoothing", "float", 0.0)), _ce_shape,
-           function="losses.ce", evaluates="classifier"))
+_add(OpDef("focal_contrastive", "loss", "Sigmoid focal loss over the image-text similarity matrix (RO-ViT, MaMMUT); "
+           "`learn_tau=true` learns the temperature from `tau` (as `nce`).",
+           (T("a", "tensor"), T("b", "tensor"), T("tau", "float", 0.07), T("gamma", "float", 2.0), T("learn_tau", "bool", False)),
+           _nce_shape, lambda b: OpCost(1 if b["learn_tau"] else 0), _learned_tau("gamma"),
+           function="losses.focal_contrastive", weights_if="learn_tau", contrastive=True))
+_add(OpDef("masked_mse", "loss", "Mean squared error on masked patches only, against per-patch normalised targets (MAE); "
+           "`reduction=sum` sums over the masked patches instead of averaging.",
+           (T("pred", "tensor"), T("target", "tensor"), T("mask", "tensor"), T("norm_pix", "bool", True),
+            T("reduction", "name", "mean")), _mse_shape,
+           choices={"reduction": REDUCTIONS}, function="losses.masked_mse", evaluates="reconstruction"))
+_add(OpDef("ce", "loss", "Softmax cross-entropy against class indices; `reduction=sum` sums over the batch instead of averaging.",
+           (T("logits", "tensor"), T("target", "tensor"), T("label_smoothing", "float", 0.0), T("reduction", "name", "mean")),
+           _ce_shape, choices={"reduction": REDUCTIONS}, function="losses.ce", evaluates="classifier"))
 _add(OpDef("bce", "loss", "Sigmoid cross-entropy against 0/1 targets (multi-label); `reduction=sum_classes` sums over classes "
            "and averages over the batch (scenic, MBT) instead of averaging over both.",
            (T("logits", "tensor"), T("target", "tensor"), T("reduction", "name", "mean")),
-           _bce_shape, choices={"reduction": ("mean", "sum_classes")}, function="losses.bce", evaluates="multilabel"))
-_add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding.",
-           (T("logits", "tensor"), T("tokens", "tensor")), _next_token_shape, function="losses.next_token", evaluates="caption"))
+           _bce_shape, choices={"reduction": REDUCTIONS + ("sum_classes",)}, function="losses.bce", evaluates="multilabel"))
+_add(OpDef("next_token", "loss", "Next-token cross-entropy over a caption, ignoring padding: the mean over real target "
+           "tokens, or with `reduction=sum` their sum.",
+           (T("logits", "tensor"), T("tokens", "tensor"), T("reduction", "name", "mean")), _next_token_shape,
+           choices={"reduction": REDUCTIONS}, function="losses.next_token", evaluates="caption"))
 
 
 def of_category(category: str) -> list[OpDef]:

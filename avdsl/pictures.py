@@ -41,6 +41,7 @@ _BOX_KINDS = {"inputs": "input", "encoders": "encoder", "losses": "loss", "outpu
 def _box_of(node) -> tuple[str, str, str]:
     """(box id, kind, name) for an IR node: one box per spec component."""
     group, name = node.component
+    name = name.split(".memory.")[0]  # a projection of an encoder's memory is drawn inside that encoder
     kind = _BOX_KINDS[group]
     return f"{kind}:{name}", kind, name
 
@@ -62,10 +63,11 @@ def dataflow(analysis: Analysis) -> Dataflow:
                 t = g.tensors.get(node.outputs[0])
                 label = f"{name}\n{t.shape[1]} tokens" if t else name
             elif kind == "encoder":
-                s = node.decl.sizes
-                label = f"{name}\n{s.depth} x {s.width}, {node.decl.weights}"
-                if list(node.plans) != [""]:
-                    label += "\npasses: " + ", ".join(node.plans)
+                enc = g.node(name)
+                s = enc.decl.sizes
+                label = f"{name}\n{s.depth} x {s.width}, {enc.decl.weights}"
+                if list(enc.plans) != [""]:
+                    label += "\npasses: " + ", ".join(enc.plans)
             elif kind == "loss" and name in analysis.spec.losses:
                 label = f"loss {name}"
             boxes[bid] = Box(bid, kind, label)

@@ -62,7 +62,7 @@ class Sizes:
 class EncoderDecl:
     name: str
     streams: tuple[str, ...]
-    memory: dict[str, ex.Ref]  # local name -> the encoder output it reads
+    memory: dict[str, ex.Ref | ex.Call]  # local name -> the encoder output it reads (or a projection of one)
     sizes: Sizes
     weights: str  # shared | per_stream
     stream_sizes: dict[str, Sizes]  # per_stream overrides
@@ -75,6 +75,9 @@ class EncoderDecl:
     dropout: float
     loc: Loc
     locs: dict[str, Loc] = field(default_factory=dict, compare=False, hash=False)
+    pre_norm: bool = False  # a LayerNorm on the streams before the first layer (CLIP's `ln_pre`)
+    memory_norm: bool = False  # each layer with cross-attention LayerNorms the memory tokens with its own norm
+    cross_mlp: str = "shared"  # shared | with_cross | own: the feed-forward of a layer with cross-attention
 
 
 @dataclass(frozen=True)
@@ -236,8 +239,9 @@ def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
     memory = {}
     for local, text in (data.get("memory") or {}).items():
         ref = ex.parse(text, "expr", doc.loc(*path, "memory", local))
-        if not isinstance(ref, ex.Ref) or len(ref.parts) < 2:
-            raise SpecError(doc.loc(*path, "memory", local), "memory must name an encoder output like `vision.image`",
+        if not (isinstance(ref, ex.Ref) and len(ref.parts) >= 2) and not isinstance(ref, ex.Call):
+            raise SpecError(doc.loc(*path, "memory", local), "memory must name an encoder output like `vision.image`, "
+                            "or project one, like `linear(vision.image, 512, bias=false)`",
                             "e.g. `memory: {image: vision.image}`")
         memory[local] = ref
     return EncoderDecl(name=name, streams=tuple(data["streams"]), memory=memory, sizes=sizes,
@@ -245,7 +249,9 @@ def _encoder(doc: Doc, name: str, data: dict) -> EncoderDecl:
                        norms=data.get("norms", "shared"), final_norm=_final_norm(data.get("final_norm", True)),
                        bias=bool(data.get("bias", True)), norm_eps=float(data.get("norm_eps", 1e-6)),
                        activation=data.get("activation", "gelu"), dropout=float(data.get("dropout", 0.0)),
-                       loc=doc.key_loc(*path), locs={k: doc.loc(*path, k) for k in data})
+                       loc=doc.key_loc(*path), locs={k: doc.loc(*path, k) for k in data},
+                       pre_norm=bool(data.get("pre_norm", False)), memory_norm=bool(data.get("memory_norm", False)),
+                       cross_mlp=data.get("cross_mlp", "shared"))
 
 
 def number_vars(values: dict) -> dict:
@@ -317,6 +323,7 @@ def from_doc(doc: Doc) -> Spec:
         inputs[decl.name] = _input_with_vars(decl, sizes, doc)
     streams = {n: _stream_with_vars(_stream(doc, n, s), sizes) for n, s in d["streams"].items()}
     encoders = {n: _encoder(doc, n, e) for n, e in d["encoders"].items()}
+    encoders = {n: replace(e, memory={k: with_vars(v, sizes) for k, v in e.memory.items()}) for n, e in encoders.items()}
     rule_sets = {n: _rules(doc, r, "rule_sets", n) for n, r in (d.get("rule_sets") or {}).items()}
     outputs = {n: NamedExpr(n, with_vars(ex.parse(t, "expr", doc.loc("outputs", n)), sizes), doc.loc("outputs", n))
                for n, t in (d.get("outputs") or {}).items()}

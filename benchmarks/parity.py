@@ -4,6 +4,7 @@
     python -m benchmarks.parity cav-mae-ft --reference PATH [--timm PATH] ...
     python -m benchmarks.parity mbt-cls --reference PATH [--jax PATH] ...        (see `benchmarks.parity_mbt`)
     python -m benchmarks.parity zorro --reference PATH [--deps PATH] ...          (see `benchmarks.parity_zorro`)
+    python -m benchmarks.parity mammut --reference PATH [--config B-32|L-14] ...  (see `benchmarks.parity_mammut`)
 
 Imports the reference model from PATH at run time (nothing of it is copied into avdsl), gives it
 random weights (norms and biases included), ports them into the avdsl model built from the spec
@@ -165,6 +166,60 @@ def port(format_name: str, model, reference_state: dict) -> porting.Ported:
         return porting.port(porting.load_format(format_name), reference_state, model.state_dict())
     except porting.PortError as e:
         raise SystemExit(f"port incomplete:\n{e}") from None
+
+
+def expand(table, reference_keys) -> list[tuple[str, object, str]]:
+    """The table with ``{i}`` replaced by every layer index the reference has (``{i*N}`` in an avdsl
+    name: N times it, for a reference list that holds every N-th layer). A reference entry is one
+    name or a tuple of names that one avdsl tensor is made of (e.g. separate Q, K, V kernels)."""
+    out = []
+    for ours, theirs, how in table:
+        first = theirs[0] if isinstance(theirs, tuple) else theirs
+        if "{i}" not in first:
+            out.append((ours, theirs, how))
+            continue
+        pattern = re.compile(re.escape(first).replace(re.escape("{i}"), r"(\d+)") + "$")
+        for i in sorted({int(m.group(1)) for k in reference_keys if (m := pattern.match(k))}):
+            at = (lambda name, i=i: re.sub(r"\{i\*(\d+)\}", lambda m: str(i * int(m.group(1))), name).replace("{i}", str(i)))
+            out.append((at(ours), tuple(map(at, theirs)) if isinstance(theirs, tuple) else at(theirs), how))
+    return out
+
+
+@dataclass
+class Ported:
+    state: dict
+    unused: list  # reference tensors the reference's forward never reads
+
+
+def port_table(model, reference_state: dict, table, tables, unused_pattern: str, transforms: dict, own_pattern: str = r"$^") -> Ported:
+    """avdsl state from the reference state; every avdsl tensor set once and every reference tensor
+    used once (or known to be unused), or an error that lists what is missing or left over. avdsl
+    tensors matching ``own_pattern`` have no counterpart in the reference and keep their own values."""
+    ours = model.state_dict()
+    rows = expand(table, reference_state)
+    state, used = {}, set()
+    for name, theirs, how in rows:
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        if name in state:
+            raise SystemExit(f"the table sets {name} twice")
+        absent = [n for n in (name,) if n not in ours] + [n for n in names if n not in reference_state]
+        if absent:
+            raise SystemExit(f"the table names {absent[0]}, which does not exist")
+        value = transforms[how](*(reference_state[n] for n in names))
+        if value.shape != ours[name].shape:
+            raise SystemExit(f"{theirs} {tuple(value.shape)} does not fit {name} {tuple(ours[name].shape)}")
+        state[name] = value
+        used.update(names)
+    compared = {name for name, _, _ in tables}
+    kept = {k for k in ours if re.fullmatch(own_pattern, k)}
+    missing = sorted(set(ours) - set(state) - compared - kept)
+    left = sorted(k for k in set(reference_state) - used - {t for _, t, _ in tables} if not re.fullmatch(unused_pattern, k))
+    if missing or left:
+        raise SystemExit("port incomplete:\n  avdsl tensors not set: " + ", ".join(missing or ["none"])
+                         + "\n  reference tensors left over: " + ", ".join(left or ["none"]))
+    for name in compared | kept:
+        state[name] = ours[name]  # each side's own table; avdsl's own tensors
+    return Ported(state, sorted(k for k in reference_state if re.fullmatch(unused_pattern, k)))
 
 
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -382,7 +437,7 @@ CASES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls", "zorro"]))
+    parser.add_argument("model", choices=sorted([*CASES, "mbt-cls", "zorro", "mammut"]))
     parser.add_argument("--reference", required=True, help="root of your checkout of the reference repository")
     parser.add_argument("--timm", help="cav-mae: folder holding the timm version the reference needs (pip install --target)")
     parser.add_argument("--jax", help="mbt-cls: folder holding JAX, flax and scenic's other imports (pip install --target)")
@@ -391,11 +446,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="paper: the shipped spec as it is; small: width 64 and short inputs, quick on a CPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the avdsl spec, as `avdsl build --set` (e.g. to see what a choice costs)")
+    parser.add_argument("--config", choices=["B-32", "L-14"], default="B-32",
+                        help="mammut: the structure of this released open_clip config (B-32: no MLP in the "
+                             "self-attention blocks of cross layers, mean pooling; L-14: an MLP in both, CLS pooling)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= 64:
         parser.error("--batch must be between 1 and 64")
+    if args.model == "mammut":
+        from .parity_mammut import mammut
+
+        return mammut(args)
     if args.model == "mbt-cls":
         from .parity_mbt import mbt_cls
 

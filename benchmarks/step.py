@@ -1,5 +1,6 @@
 """A training step (forward, backward, AdamW) per spec: eager fp32, eager bf16, compiled bf16, and
-compiled fp32 (the fastest on CPUs without native bf16).
+compiled fp32 (the fastest on CPUs without native bf16); and bf16w, eager and compiled: bf16 weights
+and activations without autocast, fp32 master weights in the optimizer (`master_weights_step`).
 
 Achieved FLOP/s uses the cost pass as the numerator: a training step is ~3x the forward FLOPs
 (`Cost.total_flops`, which counts only the attention pairs the routing allows) times the batch. The
@@ -20,17 +21,48 @@ from avdsl.runtime.trial import random_batch
 from .compile import compile_model
 from .timing import machine_peaks
 
-MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("compiled", "fp32"))
+MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("compiled", "fp32"), ("eager", "bf16w"),
+         ("compiled", "bf16w"))
 
 
 def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu"):
-    """One optimisation step as a closure; returns the loss."""
+    """One optimisation step as a closure; returns the loss. ``precision``: fp32, bf16 (autocast) or
+    bf16w (bf16 weights, see `master_weights_step`)."""
+    if precision == "bf16w":
+        return master_weights_step(model, optimizer, batch)
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(**batch)["loss"]
         loss.backward()
         optimizer.step()
+        return loss
+    return step
+
+
+def master_weights_step(model, optimizer, batch: dict):
+    """A step with the model's weights, buffers and inputs in bf16 and no autocast (no per-step casts of
+    weights, element-wise work in bf16), while an AdamW like ``optimizer`` steps fp32 master copies of
+    the weights, which are copied back into the bf16 weights after every step."""
+    masters = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    group = optimizer.param_groups[0]
+    inner = torch.optim.AdamW(masters, lr=group["lr"], weight_decay=group["weight_decay"], fused=True)
+    model.to(torch.bfloat16)
+    params = list(model.parameters())
+    data = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+
+    def step():
+        loss = model(**data)["loss"]
+        loss.backward()
+        for m, p in zip(masters, params):  # a weight no loss reaches has no gradient
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in zip(params, masters):
+                p.copy_(m)
         return loss
     return step
 
@@ -69,7 +101,7 @@ def run(specs: list[str], batch: int | None, reps: int, budget: float, scope: st
         b = batch or int(analysis.spec.dims.get("B", 2))
         flops = 3 * analysis.cost.total_flops * b
         for mode, precision in MODES:
-            peak = peaks[f"{precision}_tflops"] * 1e12
+            peak = peaks[f"{precision[:4]}_tflops"] * 1e12  # bf16w: the bf16 peak
             row = {"spec": spec, "batch": b, "mode": mode, "precision": precision, "step_flops": flops}
             predicted = flops / (0.5 * peak)
             if predicted > budget:

@@ -72,14 +72,20 @@ class Dropout(nn.Module):
 class Block(nn.Module):
     """The weights of one layer of one weight set. ``norm_sets`` LayerNorm pairs (one per pass when
     passes have their own norms); attention and feed-forward weights are shared by all passes. A layer
-    that no pass runs self-attention in (only cross-attention) has no self-attention weights."""
+    that no pass runs self-attention in (only cross-attention) has no self-attention weights. A layer
+    with cross-attention may LayerNorm its memory (``memory_norm``) and, with ``cross_mlp``, run its MLP
+    only for streams that cross-attend (``with_cross``) or add a second MLP after cross-attention (``own``)."""
 
     def __init__(self, width: int, heads: int, mlp_dim: int, *, bias: bool = True, eps: float = 1e-6,
                  activation: str = "gelu", dropout: float = 0.0, norm_sets: tuple[str, ...] = ("",),
-                 cross_width: int | None = None, self_attention: bool = True):
+                 cross_width: int | None = None, self_attention: bool = True, memory_norm: bool = False,
+                 cross_mlp: str = "shared"):
         super().__init__()
         self.heads = heads
         self.activation = activation
+        # which streams run the layer's MLP: all (shared, own) or those that cross-attend (with_cross, when
+        # this layer has cross-attention); `own` adds a second MLP after cross-attention for those streams
+        self.cross_mlp = cross_mlp if cross_width is not None else "shared"
         if self_attention:
             self.norm1 = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
             self.qkv = nn.Linear(width, 3 * width, bias=bias)
@@ -94,9 +100,18 @@ class Block(nn.Module):
             self.cross_q = nn.Linear(width, width, bias=bias)
             self.cross_kv = nn.Linear(cross_width, 2 * width, bias=bias)
             self.cross_proj = nn.Linear(width, width, bias=bias)
+            if memory_norm:
+                self.norm_memory = nn.ModuleDict({_key(p): nn.LayerNorm(cross_width, eps=eps, bias=bias) for p in norm_sets})
+            if cross_mlp == "own":
+                self.norm_cross_mlp = nn.ModuleDict({_key(p): nn.LayerNorm(width, eps=eps, bias=bias) for p in norm_sets})
+                self.cross_fc1 = nn.Linear(width, inner, bias=bias)
+                self.cross_fc2 = nn.Linear(mlp_dim, width, bias=bias)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+        return self._feed_forward(x, self.fc1, self.fc2)
+
+    def _feed_forward(self, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+        h = fc1(x)
         if self.activation in GATES:
             gate, value = h.chunk(2, dim=-1)
             h = GATES[self.activation](gate) * value
@@ -106,7 +121,7 @@ class Block(nn.Module):
             h = F.gelu(h, approximate="tanh")
         else:
             h = F.gelu(h)
-        return self.drop(self.fc2(h))
+        return self.drop(fc2(h))
 
     def forward(self, nk: str, attends: tuple["Attend", ...], x: dict) -> dict:
         """This weight set's part of one layer: self-attention, cross-attention and feed-forward
@@ -121,15 +136,24 @@ class Block(nn.Module):
             attn = self.self_attention(nk, selfs, x)
             for q, y in attn.items():
                 h[q] = h[q] + y
+        crossing = list(dict.fromkeys(a.query for a in crosses))
+        if self.cross_mlp == "own":  # self-attention -> MLP -> cross-attention -> its own MLP
+            h.update(self._residual_mlp(h, queries, self.norm2[nk], self.fc1, self.fc2))
+            for a in crosses:
+                h[a.query] = h[a.query] + self.cross_attention(nk, a, h[a.query], x)
+            if crossing:
+                h.update(self._residual_mlp(h, crossing, self.norm_cross_mlp[nk], self.cross_fc1, self.cross_fc2))
+            return h
         for a in crosses:
             h[a.query] = h[a.query] + self.cross_attention(nk, a, h[a.query], x)
-        # feed-forward over all of this weight set's query tokens at once
-        names = list(h)
-        sizes = [h[q].shape[1] for q in names]
-        cat = torch.cat([h[q] for q in names], dim=1) if len(names) > 1 else h[names[0]]
-        cat = cat + self.mlp(self.norm2[nk](cat))
-        parts = torch.split(cat, sizes, dim=1) if len(names) > 1 else (cat,)
-        return dict(zip(names, parts))
+        fed = crossing if self.cross_mlp == "with_cross" else queries  # with_cross: the MLP runs with cross-attention only
+        if fed:
+            h.update(self._residual_mlp(h, fed, self.norm2[nk], self.fc1, self.fc2))
+        return h
+
+    def _residual_mlp(self, h: dict, names: list, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear) -> dict:
+        """``x + MLP(norm(x))`` over the tokens of ``names`` at once (one matmul for all streams)."""
+        return _over_streams(lambda t: t + self._feed_forward(norm(t), fc1, fc2), h, names)
 
     def self_attention(self, nk: str, attends: list, x: dict) -> dict:
         """Self-attention of one weight set: Q for query streams and K, V for key streams, each
@@ -162,6 +186,8 @@ class Block(nn.Module):
 
     def cross_attention(self, nk: str, attend: "Attend", h: torch.Tensor, x: dict) -> torch.Tensor:
         memory = torch.cat([x[k] for k in attend.keys], dim=1) if len(attend.keys) > 1 else x[attend.keys[0]]
+        if hasattr(self, "norm_memory"):
+            memory = self.norm_memory[nk](memory)
         q = self.cross_q(self.norm_cross[nk](h))
         k, v = self.cross_kv(memory).chunk(2, dim=-1)
         y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
@@ -240,7 +266,7 @@ class StreamTransformer(nn.Module):
 
     def __init__(self, plans: dict, sizes: dict, *, memory_widths: dict | None = None, norms: str = "shared",
                  final_norm: bool = True, bias: bool = True, eps: float = 1e-6, activation: str = "gelu",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, pre_norm: bool = False, memory_norm: bool = False, cross_mlp: str = "shared"):
         super().__init__()
         self.plans = {p: [tuple(Attend(*a) for a in layer) for layer in layers] for p, layers in plans.items()}
         norm_sets = tuple(plans) if norms == "per_pass" else ("",)
@@ -256,7 +282,8 @@ class StreamTransformer(nn.Module):
                 cross_width = memory_widths[cross[0].keys[0]] if cross else None
                 layers.append(Block(width, heads, mlp_dim, bias=bias, eps=eps, activation=activation, dropout=dropout,
                                     norm_sets=norm_sets, cross_width=cross_width,
-                                    self_attention=not cross or any(not a.cross for a in here)))
+                                    self_attention=not cross or any(not a.cross for a in here),
+                                    memory_norm=memory_norm, cross_mlp=cross_mlp))
             self.blocks[ws] = nn.ModuleList(layers)
         # final LayerNorms: one per weight set, or with ``final_norm="shared"`` one for every stream (MBT)
         self.final = nn.ModuleDict()
@@ -271,12 +298,18 @@ class StreamTransformer(nn.Module):
         # stores each of them after every layer under "pass.stream@layer" ("stream@layer" without passes)
         self.updates = {p: tuple(dict.fromkeys(a.query for layer in layers for a in layer)) for p, layers in self.plans.items()}
         self.kept: dict | None = None
-        # which weight set's final norm applies to a stream: the last one that updated it
-        self.final_of = {}
+        # which weight set's final norm applies to a stream: the last one that updated it; its pre-norm: the first
+        self.final_of, self.first_of = {}, {}
         for p, layers in self.plans.items():
             for layer in layers:
                 for a in layer:
                     self.final_of[(p, a.query)] = a.weights
+                    self.first_of.setdefault((p, a.query), a.weights)
+        # LayerNorms before the first layer (CLIP's `ln_pre`): one per weight set
+        self.pre = nn.ModuleDict()
+        if pre_norm:
+            for ws, size in sizes.items():
+                self.pre[ws] = nn.ModuleDict({_key(p): nn.LayerNorm(size.width, eps=eps, bias=bias) for p in norm_sets})
 
     def forward(self, unnamed: dict | None = None, /, **streams: torch.Tensor) -> dict[str, torch.Tensor]:
         if unnamed:
@@ -284,6 +317,10 @@ class StreamTransformer(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for pname, layers in self.plans.items():
             x = dict(streams)
+            if len(self.pre):
+                for (p, s), ws in self.first_of.items():
+                    if p == pname:
+                        x[s] = self.pre[ws][self.norm_of[pname]](x[s])
             updated: dict[str, None] = {}
             for li, layer in enumerate(layers):
                 x = self.layer(pname, li, layer, x)

@@ -9,13 +9,16 @@ Generated model code calls these by the names the operator catalogue (`avdsl.ops
   ``torch.compile(fullgraph=True)``.
 
 ``patchify`` (and its inverse ``unpatchify``) turn images, spectrograms and video into the patch
-rows that ``masked_mse`` compares.
+rows that ``masked_mse`` compares. `LearnedTemperature` is the one module: a contrastive loss whose
+temperature is a parameter (``learn_tau=true``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
@@ -153,6 +156,7 @@ def masked_mse(
     mask: Tensor,
     norm_pix: bool = True,
     eps: float = 1e-6,
+    reduction: str = "mean",
 ) -> Tensor:
     """Masked-autoencoder reconstruction error on the masked patches only (He et al. 2022, MAE).
 
@@ -164,6 +168,7 @@ def masked_mse(
 
     The per-patch variance is the unbiased one (divisor K - 1), as in the MAE and CAV-MAE reference
     code (``Tensor.var`` default), with eps = 1e-6. An all-kept mask gives 0, not NaN.
+    ``reduction="sum"``: the numerator alone (summed over masked patches, not divided by their count).
     """
     with _no_autocast(pred):
         pred, target = _wide(pred, target)
@@ -173,7 +178,8 @@ def masked_mse(
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / torch.sqrt(var + eps)
         per_patch = ((pred - target) ** 2).mean(dim=-1)  # [N, P]
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        summed = (per_patch * mask).sum()
+        return summed if reduction == "sum" else summed / mask.sum().clamp_min(1.0)
 
 
 def _patch_size(patch: int | tuple[int, ...], rank: int) -> tuple[int, ...]:
@@ -236,10 +242,11 @@ def unpatchify(rows: Tensor, patch: int | tuple[int, ...], shape: tuple[int, ...
     raise ValueError(f"unpatchify expects a 3-, 4- or 5-dim shape, got {tuple(shape)}")
 
 
-def ce(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Softmax cross-entropy: logits [N, C], target long [N] of class indices, mean over N."""
+def ce(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy: logits [N, C], target long [N] of class indices; the mean over N, or
+    with ``reduction="sum"`` the sum."""
     with _no_autocast(logits):
-        return F.cross_entropy(*_wide(logits), target, label_smoothing=label_smoothing)
+        return F.cross_entropy(*_wide(logits), target, label_smoothing=label_smoothing, reduction=reduction)
 
 
 def bce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -248,27 +255,47 @@ def bce(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     One binary task per class. ``reduction="mean"``: the mean over all N * C elements (PyTorch's
     default); ``reduction="sum_classes"``: the sum over classes, then the mean over the batch, C times
     larger: the multi-label loss of scenic, MBT's reference code (sigmoid cross-entropy summed over
-    classes, divided by the number of examples)."""
+    classes, divided by the number of examples); ``reduction="sum"``: the sum over all elements."""
     with _no_autocast(logits):
         logits, target = _wide(logits, target)
         per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         if reduction == "sum_classes":
             return per_element.sum(dim=-1).mean()
-        return per_element.mean()
+        return per_element.sum() if reduction == "sum" else per_element.mean()
 
 
-def next_token(logits: Tensor, tokens: Tensor, pad: int = 0) -> Tensor:
+def next_token(logits: Tensor, tokens: Tensor, pad: int = 0, reduction: str = "mean") -> Tensor:
     """Captioning loss: position t predicts token t + 1; padding targets are ignored.
 
     logits [N, L, V] from the decoder run on tokens [N, L] (teacher forcing). The predictions at
     positions 0..L-2 are scored against tokens 1..L-1 with softmax cross-entropy, averaged over
     target tokens that are not ``pad`` (all batches' real tokens weigh equally). No real target
-    tokens gives 0, not NaN.
+    tokens gives 0, not NaN. ``reduction="sum"``: the sum over those tokens instead.
     """
     with _no_autocast(logits):
         pred = _wide(logits[:, :-1])[0].reshape(-1, logits.shape[-1])
         target = tokens[:, 1:].reshape(-1)
         summed = F.cross_entropy(pred, target, ignore_index=pad, reduction="sum")
-        count = (target != pad).sum().clamp_min(1)
-        return summed / count
+        if reduction == "sum":
+            return summed
+        return summed / (target != pad).sum().clamp_min(1)
 
+
+
+class LearnedTemperature(nn.Module):
+    """A contrastive loss (``nce`` or ``focal_contrastive``) with a learned temperature, as CLIP's
+    logit scale: the parameter is log(1 / tau), starting at the spec's ``tau``; the scale 1 / tau is
+    capped at 100 (CLIP clamps the parameter after each step; here the forward clamps it).
+    ``fixed``: the loss's other arguments, as (name, value) pairs."""
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, loss: str, tau: float, fixed: tuple = ()):
+        super().__init__()
+        self.loss = {f.__name__: f for f in (nce, focal_contrastive)}[loss]
+        self.fixed = dict(fixed)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        scale = self.logit_scale.clamp(max=math.log(self.MAX_SCALE)).exp()
+        return self.loss(a, b, tau=1 / scale, **self.fixed)

@@ -65,7 +65,7 @@ def test_tiny_spec_compiles_with_inductor_without_graph_breaks(name, precision, 
         assert not wrong, wrong
 
 
-def _keep_first_tokens(x, keep, generator=None):
+def _keep_first_tokens(x, keep, generator=None, noise=None):
     """`keep_random` with a fixed, sample-dependent shuffle instead of random noise."""
     b, n, d = x.shape
     noise = (torch.arange(n, dtype=torch.float32) * 7919 % 101).expand(b, n) + torch.arange(b)[:, None] * 0.5

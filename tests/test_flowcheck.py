@@ -17,6 +17,7 @@ DERIVED = {
     "zorro-port": ("zorro", ["outputs.pooled=attnpool(global_out, global_out, backbone.fusion, queries=3, heads=4, "
                              "each=true, norm=true, residual=true, bias=false)"]),
     "vatt-agnostic": ("vatt", []),
+    "mammut-openclip": ("mammut", []),
     "mbt-cls": ("mbt", ["outputs.logits_audio=linear(first(mbt.audio), 8)",
                         "outputs.logits_video=linear(first(mbt.video), 8, shared=logits_audio)",
                         "outputs.logits=avg(logits_audio, logits_video)"]),

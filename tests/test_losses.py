@@ -114,6 +114,7 @@ def test_masked_mse_scores_only_masked_patches():
     # masking both patches averages over them: patch 1 error = (25 + 25 + 36 + 36) / 4
     both = torch.tensor([[1.0, 1.0]])
     assert masked_mse(pred, target, both, norm_pix=False).item() == pytest.approx((1.0 + 30.5) / 2)
+    assert masked_mse(pred, target, both, norm_pix=False, reduction="sum").item() == pytest.approx(1.0 + 30.5)
     # nothing masked: zero, not NaN
     assert masked_mse(pred, target, torch.zeros(1, 2), norm_pix=False).item() == 0.0
 
@@ -143,6 +144,20 @@ def test_ce_with_and_without_label_smoothing():
     uniform1 = (3 * z1 - 1.0) / 3
     expected = ((1 - eps) * nll0 + eps * uniform0 + (1 - eps) * nll1 + eps * uniform1) / 2
     assert ce(logits, target, label_smoothing=eps).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ce_and_bce_sum_reductions_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    label = torch.tensor([0, 2])
+    by_hand = (math.log(2 + math.exp(2)) - 2) + math.log(2 + math.exp(1))  # -log softmax of each target
+    assert ce(logits, label, reduction="sum").item() == pytest.approx(by_hand, rel=1e-6)
+    assert ce(logits, label).item() == pytest.approx(by_hand / 2, rel=1e-6)
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    per = [math.log1p(math.exp(-x)) if t else math.log1p(math.exp(x)) for row, trow in zip(logits.tolist(), target.tolist())
+           for x, t in zip(row, trow)]  # -log sigmoid(x) for positives, -log(1 - sigmoid(x)) for negatives
+    assert bce(logits, target, reduction="sum").item() == pytest.approx(sum(per), rel=1e-6)
+    assert bce(logits, target, reduction="sum_classes").item() == pytest.approx(sum(per) / 2, rel=1e-6)
+    assert bce(logits, target).item() == pytest.approx(sum(per) / 6, rel=1e-6)
 
 
 def test_bce_is_a_mean_over_all_elements():
@@ -182,6 +197,7 @@ def test_next_token_shifts_and_ignores_padding():
     z1 = math.log(4 + math.exp(1))
     expected = ((z2 - 2) + (z1 - 1) + (z1 - 0)) / 3  # three real targets: 2, 4 and 3
     assert next_token(logits, tokens).item() == pytest.approx(expected, rel=1e-6)
+    assert next_token(logits, tokens, reduction="sum").item() == pytest.approx(3 * expected, rel=1e-6)
     # predictions at positions whose target is padding (and the last position) do not count
     noisy = logits.clone()
     noisy[0, 2:] = torch.randn(2, 5)

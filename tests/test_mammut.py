@@ -18,8 +18,10 @@ PORT = ["vars.vocab=49408", "vars.context=77"]  # the public port's vocabulary a
 
 # One ViT-B layer: 2 LayerNorms, QKV + output projection, MLP 768 -> 3072 -> 768, all with biases.
 LAYER = 2 * 1536 + (768 * 2304 + 2304) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
-# One cross-attention sub-layer: LayerNorm on the queries, Q, KV (from 768-wide image tokens), output.
-CROSS = 1536 + (768 * 768 + 768) + (768 * 1536 + 1536) + (768 * 768 + 768)
+# One cross-attention sub-layer: LayerNorm on the queries, Q, KV (from 768-wide image tokens), output,
+# and the LayerNorm of the image tokens (`memory_norm`).
+CROSS = 1536 + (768 * 768 + 768) + (768 * 1536 + 1536) + (768 * 768 + 768) + 1536
+MLP = 1536 + (768 * 3072 + 3072) + (3072 * 768 + 768)  # a LayerNorm and an MLP (`cross_mlp: own` adds one per cross layer)
 
 
 def meta_count(analysis) -> int:
@@ -29,34 +31,39 @@ def meta_count(analysis) -> int:
 
 def test_layer_sizes_by_hand():
     assert LAYER == 7_087_872
-    assert CROSS == 2_363_904
+    assert CROSS == 2_365_440
 
 
-@pytest.mark.parametrize("overrides, total", [([], 186_074_112), (PORT, 261_576_960)])
-def test_counts_match_the_built_model(overrides, total):
-    analysis = analyse("mammut", overrides)
+@pytest.mark.parametrize("name, overrides, total", [("mammut", [], 186_675_457), ("mammut", PORT, 262_178_305),
+                                                    ("mammut-openclip", [], 262_178_305),
+                                                    ("mammut-openclip", ["encoders.decoder.cross_mlp=own"], 290_522_113)])
+def test_counts_match_the_built_model(name, overrides, total):
+    analysis = analyse(name, overrides)
     assert analysis.cost.total_params == total
     assert analysis.cost.total_frozen == 0
     assert meta_count(analysis) == total
 
 
 def test_port_count_per_component():
-    analysis = analyse("mammut", PORT)
+    analysis = analyse("mammut-openclip")
     parts = by_component(analysis.graph, analysis.cost.params)
     assert parts == {
-        "streams.image": (3 * 256 * 768 + 768) + 196 * 768 + 768,  # patches, positions, CLS
-        "encoders.vision": 12 * LAYER + 1536,  # ViT-B/16 and its final LayerNorm
-        "outputs.image_embedding": 768 * 768,  # image projection, no bias
+        "streams.image": (3 * 256 * 768 + 768) + 197 * 768 + 768,  # patches, positions (CLS too), CLS
+        "encoders.vision": 1536 + 12 * LAYER,  # pre-norm and ViT-B/16, no final LayerNorm
+        "outputs.image_embedding": 1536 + 768 * 768,  # LayerNorm after pooling, projection without bias
+        "encoders.decoder.memory.image_tokens": 768 * 768,  # image tokens -> decoder, no bias
         "streams.text": 49408 * 768 + 77 * 768,  # token table and learned positions
         "encoders.decoder": 12 * LAYER + 6 * CROSS + 1536,  # 12 layers, 6 with cross-attention
         "outputs.logits": 768 * 49408,  # untied vocabulary head, no bias
+        "losses.contrastive": 1,  # the learned temperature (open_clip's logit scale)
     }
-    # what the public port (290,521,345) has on top of this spec
-    port_extra = 6 * (2 * 1536 + 768 * 3072 + 3072 + 3072 * 768 + 768)  # a 2nd MLP and 2 LNs per cross block
-    port_extra += 768 * 768 + 1536 + 1  # image -> decoder map, ViT pre-norm, logit scale
-    assert analysis.cost.total_params + port_extra == 290_521_345
+    # open_clip's MaMMUT at this size: 262,177,537 with its ViT-B config's structure (has_mlp: false),
+    # 290,521,345 with its default (has_mlp: true). The spec has a patch bias (768) open_clip has not;
+    # `cross_mlp: own` adds a LayerNorm and an MLP to each of the 6 cross layers.
+    assert analysis.cost.total_params - 768 == 262_177_537
+    assert analysis.cost.total_params + 6 * MLP - 768 == 290_521_345
     vision = parts["streams.image"] + parts["encoders.vision"] + parts["outputs.image_embedding"]
-    assert vision + 1536 == 86_389_248  # the port's vision tower, which has a pre-norm
+    assert vision - 768 == 86_389_248  # open_clip's vision tower (its patch convolution has no bias)
 
 
 def test_vocabulary_and_context_follow_the_vars():
@@ -65,7 +72,7 @@ def test_vocabulary_and_context_follow_the_vars():
     assert analysis.spec.inputs["caption"].dims == ("B", 64)
     plugged = load_tokenizer("avdsl.runtime.text:ByteTokenizer")
     assert plugged.vocab_size == analysis.spec.vars["vocab"]
-    port = analyse("mammut", PORT)
+    port = analyse("mammut-openclip")
     assert port.spec.inputs["caption"].dims == ("B", 77)
     assert port.graph.tensors["out.logits"].shape == ("B", 77, 49408)
 
@@ -198,3 +205,27 @@ def test_memory_name_may_not_shadow_a_stream(write_spec):
     text = load_file("tiny/mammut").resolved_text().replace("image_tokens", "text")
     with pytest.raises(SpecError, match="memory name 'text' is also a stream"):
         analyse(write_spec(text))
+
+
+def test_each_cross_layer_normalises_the_image_tokens_with_its_own_norm(tiny):
+    _, model = tiny
+    blocks = model.decoder.blocks["shared"]
+    norms = [b.norm_memory["all"] if hasattr(b, "norm_memory") else None for b in blocks]
+    assert [n is not None for n in norms] == [True, False, True, False]
+    assert norms[0] is not norms[2] and norms[0].normalized_shape == (64,)
+    assert not hasattr(model.vision.blocks["shared"][0], "norm_memory")  # the ViT has no cross-attention
+
+
+@torch.no_grad()
+def test_cross_layers_run_their_mlp_only_in_the_generative_pass(tiny):
+    analysis, _ = tiny
+    torch.manual_seed(0)
+    model = compile_graph(analysis.graph).eval()
+    pixels, caption = _batch()
+    before = model(pixels=pixels, caption=caption)["outputs"]
+    model.decoder.blocks["shared"][0].fc1.weight.mul_(2)  # layer 0 cross-attends: `cross_mlp: with_cross`
+    after = model(pixels=pixels, caption=caption)["outputs"]
+    assert torch.equal(before["text_embedding"], after["text_embedding"])  # the contrastive pass skips that MLP
+    assert not torch.allclose(before["logits"], after["logits"])
+    model.decoder.blocks["shared"][1].fc1.weight.mul_(2)  # layer 1 has no cross-attention: both passes run it
+    assert not torch.allclose(after["text_embedding"], model(pixels=pixels, caption=caption)["outputs"]["text_embedding"])

@@ -13,7 +13,7 @@ import torch
 from avdsl.api import analyse, analyse_text
 from avdsl.compiler import compile_graph
 from avdsl.runtime import porting
-from benchmarks import parity, parity_mbt
+from benchmarks import parity, parity_mammut, parity_mbt
 
 
 def _reference_state(model, fmt: porting.Format) -> dict:
@@ -82,3 +82,60 @@ def test_zorro_format_names_every_tensor_of_zorro_port_once_but_the_projectors()
     own = [n for n in ours if any(re.fullmatch(p, n) for p in fmt.own)]
     assert own == [f"out_z{m}.{w}" for m in "avf" for w in ("weight", "bias")]  # the paper's, not the port's
     assert sorted(named + own) == sorted(ours)  # each once, none missing
+
+
+def _open_clip_mammut_state(size: dict, has_mlp: bool) -> dict:
+    """The names and shapes of open_clip's MaMMUT state dict at one size (meta tensors)."""
+    w, t, e, v = size["vision_width"], size["width"], size["embed"], parity_mammut.VOCAB
+    grid = (size["image"] // size["patch"]) ** 2
+
+    def z(*shape):
+        return torch.empty(shape, device="meta")
+
+    def block(prefix: str, width: int, mlp: bool = True, kv_norm: bool = False) -> dict:
+        out = {f"{prefix}.ln_1.weight": z(width), f"{prefix}.ln_1.bias": z(width),
+               f"{prefix}.attn.in_proj_weight": z(3 * width, width), f"{prefix}.attn.in_proj_bias": z(3 * width),
+               f"{prefix}.attn.out_proj.weight": z(width, width), f"{prefix}.attn.out_proj.bias": z(width)}
+        if kv_norm:
+            out.update({f"{prefix}.ln_1_kv.weight": z(width), f"{prefix}.ln_1_kv.bias": z(width)})
+        if mlp:
+            out.update({f"{prefix}.ln_2.weight": z(width), f"{prefix}.ln_2.bias": z(width),
+                        f"{prefix}.mlp.c_fc.weight": z(4 * width, width), f"{prefix}.mlp.c_fc.bias": z(4 * width),
+                        f"{prefix}.mlp.c_proj.weight": z(width, 4 * width), f"{prefix}.mlp.c_proj.bias": z(width)})
+        return out
+
+    state = {"visual.conv1.weight": z(w, 3, size["patch"], size["patch"]), "visual.class_embedding": z(w),
+             "visual.positional_embedding": z(grid + 1, w), "visual.ln_pre.weight": z(w), "visual.ln_pre.bias": z(w),
+             "visual.ln_post.weight": z(w), "visual.ln_post.bias": z(w), "visual.proj": z(w, e),
+             "map_viz2txt_kv": z(w, t), "logit_scale": z(), "text.token_embedding.weight": z(v, t),
+             "text.positional_embedding": z(size["context"], t), "text.ln_final.weight": z(t), "text.ln_final.bias": z(t),
+             "text.text_projection": z(t, v)}
+    for i in range(size["vision_layers"]):
+        state.update(block(f"visual.transformer.resblocks.{i}", w))
+    for i in range(size["layers"]):
+        state.update(block(f"text.resblocks.{i}", t, mlp=has_mlp or i % 2 == 1))
+        if i % 2 == 0:
+            state.update(block(f"text.cross_attn.{i // 2}", t, kv_norm=True))
+    return state
+
+
+@pytest.mark.parametrize("size", ["small", "paper"])
+@pytest.mark.parametrize("config, has_mlp", [("B-32", False), ("L-14", True)])
+def test_mammut_table_sets_every_tensor_once(size, config, has_mlp):
+    sizes, chosen = parity_mammut.SIZES[size], parity_mammut.CONFIGS[config]
+    model = compile_graph(analyse_text(parity_mammut.spec_text(sizes, chosen), "<parity>").graph, device="meta")
+    state = _open_clip_mammut_state(sizes, has_mlp)
+    ported = parity.port_table(model, state, chosen["weights"], (), parity_mammut.MAMMUT_UNUSED, parity_mammut.TRANSFORMS)
+    assert set(ported.state) == set(model.state_dict())
+    assert ported.unused == []
+    assert "decoder.blocks.shared.2.norm_memory.all.weight" in ported.state  # cross block 1 -> decoder layer 2
+
+
+def test_mammut_packed_projection_is_split_into_queries_and_keys_values():
+    packed = torch.arange(12.0).view(6, 2)  # rows q0 q1 k0 k1 v0 v1 of a width-2 in-projection
+    assert parity_mammut.TRANSFORMS["q_rows"](packed).tolist() == [[0, 1], [2, 3]]
+    assert parity_mammut.TRANSFORMS["kv_rows"](packed)[:, 0].tolist() == [4, 6, 8, 10]
+
+
+def test_mammut_spec_at_paper_size_is_the_shipped_variant():
+    assert parity_mammut.spec_text(parity_mammut.SIZES["paper"], parity_mammut.CONFIGS["B-32"]).endswith("extends: mammut-openclip\n")

@@ -42,9 +42,13 @@ def layer_params(width: int, mlp_dim: int, bias: bool, activation: str, norms: i
     """One pre-norm transformer layer: two LayerNorms (times ``norms`` sets), attention, feed-forward."""
     ln = (2 if bias else 1) * width
     attn = 4 * width * width + (4 * width if bias else 0)
+    return 2 * ln * norms + attn + mlp_params(width, mlp_dim, bias, activation)
+
+
+def mlp_params(width: int, mlp_dim: int, bias: bool, activation: str) -> int:
+    """The feed-forward of a layer: two linears (the first twice as wide for a gated activation)."""
     inner = 2 * mlp_dim if activation in GATED else mlp_dim
-    mlp = width * inner + mlp_dim * width + ((inner + width) if bias else 0)
-    return 2 * ln * norms + attn + mlp
+    return width * inner + mlp_dim * width + ((inner + width) if bias else 0)
 
 
 def self_attention_params(width: int, bias: bool, norms: int) -> int:
@@ -68,8 +72,11 @@ def weight_set_params(node: EncoderNode, graph: Graph) -> dict[str, int]:
     for ws in sets.values():
         s = ws.sizes
         total = s.depth * layer_params(s.width, s.mlp_dim, enc.bias, enc.activation, norms)
+        ln = (2 if enc.bias else 1) * norms
         if enc.final_norm is True:
-            total += (2 if enc.bias else 1) * s.width * norms
+            total += ln * s.width
+        if enc.pre_norm:
+            total += ln * s.width
         for layer in range(s.depth):
             here = [a for plan in node.plans.values() if layer < len(plan.layers)
                     for a in plan.layers[layer].attends if a.weights == ws.name]
@@ -77,6 +84,10 @@ def weight_set_params(node: EncoderNode, graph: Graph) -> dict[str, int]:
             if crossing:
                 mem_width = graph.tensors[stream_in[crossing[0].keys[0]]].shape[-1]
                 total += cross_params(s.width, mem_width, enc.bias, norms)
+                if enc.memory_norm:
+                    total += ln * mem_width
+                if enc.cross_mlp == "own":  # a second LayerNorm and MLP after cross-attention
+                    total += ln * s.width + mlp_params(s.width, s.mlp_dim, enc.bias, enc.activation)
                 if all(a.cross for a in here):  # a cross-attention-only layer has no self-attention weights
                     total -= self_attention_params(s.width, enc.bias, norms)
         out[ws.name] = total
@@ -97,6 +108,8 @@ def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
     sets = weight_sets(node)
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
     count = {s: _n(graph.tensors[stream_in[s]].shape[1]) for s in stream_in}
+    crossed = {(a.weights, li) for plan in node.plans.values() for li, layer in enumerate(plan.layers)
+               for a in layer.attends if a.cross}  # (weight set, layer) with cross-attention weights
     total = 0
     for pname, plan in node.plans.items():
         for li, layer in enumerate(plan.layers):
@@ -126,7 +139,13 @@ def encoder_flops(node: EncoderNode, graph: Graph, cost: Cost) -> int:
                         f += 4 * d * d * nq + 4 * mem_w * d * mem
                     cost.attention_flops[f"{enc.name}/{pname or '-'}/{li}/{a.query}/{wname}"] = 4 * pairs * d
                     total += f
-                total += 2 * (d * inner + m * d) * sum(count[q] for q in queries)
+                crossing = {a.query for a in attends if a.cross}
+                fed = crossing if enc.cross_mlp == "with_cross" and (wname, li) in crossed else queries
+                if enc.cross_mlp == "own":
+                    fed_tokens = sum(count[q] for q in queries) + sum(count[q] for q in crossing)
+                else:
+                    fed_tokens = sum(count[q] for q in fed)
+                total += 2 * (d * inner + m * d) * fed_tokens
     return total
 
 

@@ -235,6 +235,16 @@ def _encoder_shapes(node: EncoderNode, graph: Graph, widths: dict) -> None:
                             f"in encoder '{enc.name}'", f"use heads that divide {ws.sizes.width}, e.g. {divisors(ws.sizes.width, ws.sizes.heads)}",
                             code="H301")
     stream_in = dict(zip(node.streams + node.memory, node.inputs))
+    for local in node.memory:
+        shape = t[stream_in[local]].shape
+        if len(shape) != 3:
+            raise SpecError(graph.spec.loc("encoders", enc.name, "memory", local), f"memory '{local}' of encoder '{enc.name}' is {fmt(shape)}, not tokens [B, N, D]",
+                            "cross-attention reads tokens: name an encoder output, or project one with `linear(...)` (not a pooled vector)")
+    crossing = any(a.cross for plan in node.plans.values() for layer in plan.layers for a in layer.attends)
+    for key, default in (("memory_norm", False), ("cross_mlp", "shared")):
+        if getattr(enc, key) != default and not crossing:
+            raise SpecError(enc.locs.get(key, enc.loc), f"`{key}: {str(getattr(enc, key)).lower()}` shapes cross-attention, but no routing "
+                            f"rule of encoder '{enc.name}' is `(cross)`", f"add a rule like `text <- memory (cross)`, or remove `{key}`")
     for pname, plan in node.plans.items():
         for layer in plan.layers:
             for a in layer.attends:
