@@ -90,6 +90,34 @@ encoders:
 outputs:
   pooled: attnpool(global_out, global_out, backbone.fusion, queries=3, heads=2, each=true, norm=true, residual=true, bias=false)
 """
+# open_clip's MaMMUT at a tiny size: 16 x 16 images in 8 x 8 patches (+ CLS), a 2-layer ViT of width 16,
+# a 4-layer decoder of width 32 (cross-attention in layers 0 and 2), embeddings of 32, 259 ids, 8 tokens.
+# B-32 structure (the shipped mammut-openclip); L-14: an MLP of its own in each cross-attention block,
+# CLS pooling after the vision encoder's final LayerNorm, the decoder reading the patch tokens only.
+MAMMUT_SPEC = """\
+avdsl: 1
+extends: mammut-openclip
+name: mammut-import-test
+vars: {vocab: 259, context: 8}   # the byte tokenizer's ids, which `eval` draws
+inputs:
+  pixels[B, 3, 16, 16]: image
+streams:
+  image: {tokenizer: "patch2d(8, 8)"}
+encoders:
+  vision: {width: 16, depth: 2, heads: 2}
+  decoder:
+    width: 32
+    depth: 4
+    heads: 2
+    memory:
+      image_tokens: linear(vision.image, 32, bias=false)
+outputs:
+  image_embedding: linear(layernorm(mean(vision.image)), 32, bias=false)
+"""
+MAMMUT_L14_SPEC = (MAMMUT_SPEC.replace("depth: 2, heads: 2}", "depth: 2, heads: 2, final_norm: true}")
+                   .replace("    heads: 2\n", "    heads: 2\n    cross_mlp: own\n")
+                   .replace("linear(layernorm(mean(vision.image)), 32", "linear(first(vision.image), 32")
+                   .replace("linear(vision.image, 32", "linear(tokens(vision.image, skip=1), 32"))
 
 
 def _vit_layer(prefix: str, d: int, per_modality_norms: bool = True) -> dict:
@@ -172,6 +200,37 @@ def zorro_port_shapes(width=32, depth=2, mlp=48, fusion=4, window=128) -> dict:
     return s
 
 
+def mammut_openclip_shapes(has_mlp: bool, vw=16, vlayers=2, width=32, layers=4, embed=32, vocab=259, context=8,
+                           grid=4, patch=8) -> dict:
+    """The names and shapes of open_clip's ``MaMMUT.state_dict()`` (``has_mlp`` false: B-32's config,
+    the decoder blocks before a cross-attention block without MLP; true: L-14's, open_clip's default)."""
+    def block(prefix: str, d: int, mlp: bool = True, kv_norm: bool = False) -> dict:
+        out = {f"{prefix}.ln_1.weight": (d,), f"{prefix}.ln_1.bias": (d,), f"{prefix}.attn.in_proj_weight": (3 * d, d),
+               f"{prefix}.attn.in_proj_bias": (3 * d,), f"{prefix}.attn.out_proj.weight": (d, d),
+               f"{prefix}.attn.out_proj.bias": (d,)}
+        if kv_norm:
+            out |= {f"{prefix}.ln_1_kv.weight": (d,), f"{prefix}.ln_1_kv.bias": (d,)}
+        if mlp:
+            out |= {f"{prefix}.ln_2.weight": (d,), f"{prefix}.ln_2.bias": (d,), f"{prefix}.mlp.c_fc.weight": (4 * d, d),
+                    f"{prefix}.mlp.c_fc.bias": (4 * d,), f"{prefix}.mlp.c_proj.weight": (d, 4 * d),
+                    f"{prefix}.mlp.c_proj.bias": (d,)}
+        return out
+
+    s = {"visual.conv1.weight": (vw, 3, patch, patch), "visual.class_embedding": (vw,),
+         "visual.positional_embedding": (grid + 1, vw), "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,),
+         "visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,), "visual.proj": (vw, embed),
+         "map_viz2txt_kv": (vw, width), "logit_scale": (), "text.token_embedding.weight": (vocab, width),
+         "text.positional_embedding": (context, width), "text.ln_final.weight": (width,),
+         "text.ln_final.bias": (width,), "text.text_projection": (width, vocab)}
+    for i in range(vlayers):
+        s |= block(f"visual.transformer.resblocks.{i}", vw)
+    for i in range(layers):
+        s |= block(f"text.resblocks.{i}", width, mlp=has_mlp or i % 2 == 1)
+        if i % 2 == 0:
+            s |= block(f"text.cross_attn.{i // 2}", width, kv_norm=True)
+    return s
+
+
 def _model(text: str, tmp_path):
     from avdsl.api import analyse_text
     from avdsl.compiler import compile_graph
@@ -199,7 +258,7 @@ def _cav_reference(tmp_path, ft: bool = False) -> dict:
 
 # the documented meaning of each transform, written independently of the steps that implement it
 MEANING = {
-    "copy": lambda *ts: torch.cat(ts),  # one tensor as it is; several concatenated (Q then K and V)
+    "copy": lambda *ts: ts[0] if len(ts) == 1 else torch.cat(ts),  # one as it is; several concatenated (Q, then K and V)
     "kernel_t": lambda t: t.transpose(-1, -2),  # Conv2d kernel, frequency x time -> time x frequency
     "values_t": lambda t: t.view(16, 16, *t.shape[1:]).transpose(0, 1).reshape(t.shape),  # patch values f*16+t -> t*16+f
     "dense": lambda k: k.T,
@@ -213,6 +272,12 @@ MEANING = {
     "video_kernel": lambda w: w.view(-1, 3, 2, 16, 16),  # (channel, t, h, w) values -> a tubelet kernel
     "batch1": lambda t: t[None],
     "gate_first": lambda w: torch.cat([w[len(w) // 2:], w[:len(w) // 2]]),  # (value, gate) -> (gate, value)
+    # open_clip
+    "t": lambda w: w.T,  # applied as x @ W
+    "token": lambda t: t.view(1, 1, -1),
+    "table": lambda t: t[None],
+    "q_rows": lambda w: w[:len(w) // 3],  # a packed in-projection's query rows
+    "kv_rows": lambda w: w[len(w) // 3:],  # and its key and value rows
 }
 
 
@@ -221,8 +286,10 @@ def _check_every_tensor(fmt_name: str, reference: dict, run, model_state: dict) 
     assert set(written) == set(model_state)
     fmt = porting.load_format(fmt_name)
     rows = porting.expand(fmt.tensors, list(model_state))
-    own = {n for n in written if any(re.fullmatch(p, n) for p in fmt.own)}
-    assert not own & {r.to for r in rows} and {r.to for r in rows} | {r.to for r in fmt.fixed} | own == set(written)
+    own, zeros = ({n for n in written if any(re.fullmatch(p, n) for p in patterns)} for patterns in (fmt.own, fmt.zeros))
+    assert not (own | zeros) & {r.to for r in rows}
+    assert {r.to for r in rows} | {r.to for r in fmt.fixed} | own | zeros == set(written)
+    assert all(not written[n].any() for n in zeros)
     for row in rows:
         expected = MEANING[row.how](*(reference[s] for s in row.sources))
         assert torch.equal(written[row.to], expected), row.to
@@ -340,6 +407,50 @@ def test_zorro_port_lists_missing_and_left_over_tensors(run_cli, tmp_path):
     assert set(error["left_over"]) == third | {"layers.0.1.2.weight"}  # a third layer the spec does not have
 
 
+def _mammut_reference(has_mlp: bool) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v, generator=gen) for k, v in mammut_openclip_shapes(has_mlp).items()}
+
+
+@pytest.mark.parametrize("fmt, has_mlp", [("mammut-openclip", False), ("mammut-openclip-l14", True)])
+def test_open_clip_mammut_checkpoint_imports_and_evaluates(run_cli, tmp_path, fmt, has_mlp):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(MAMMUT_L14_SPEC if has_mlp else MAMMUT_SPEC)
+    reference = _mammut_reference(has_mlp)
+    source = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.items()}}, source)  # open_clip's
+    run = tmp_path / "imported"
+    code, out, err = run_cli("import", *[str(spec), str(source), "--from", fmt, "-o", str(run), "--json"])
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["zeros"] == ["image_tokenize.proj.bias"] and report["unused"] == report["own"] == []
+    # every tensor used once; the two cross-attention in-projections (weight, bias) each feed two rows
+    assert report["tensors"] == len(reference) + 2 * 2
+    _check_every_tensor(fmt, reference, run, _model(spec.read_text(), tmp_path).state_dict())
+    written = load_file(str(run / "step-000000" / "model.safetensors"))
+    # the cross-attention of text.cross_attn.1 is decoder layer 2; its MLP is the layer's (B-32) or its own (L-14)
+    assert torch.equal(written["decoder.blocks.shared.2.norm_memory.all.weight"], reference["text.cross_attn.1.ln_1_kv.weight"])
+    mlp = "cross_fc1" if has_mlp else "fc1"
+    assert torch.equal(written[f"decoder.blocks.shared.2.{mlp}.weight"], reference["text.cross_attn.1.mlp.c_fc.weight"])
+
+    code, out, err = run_cli(*["eval", str(run), "--batches", "1", "--batch-size", "2", "--json"])
+    assert code == 0, out + err
+
+
+def test_a_mammut_checkpoint_of_the_other_structure_is_listed(run_cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(MAMMUT_SPEC)
+    torch.save(_mammut_reference(has_mlp=True), tmp_path / "l14.pt")  # L-14 weights into the B-32 structure
+    code, out, err = run_cli("import", *[str(spec), str(tmp_path / "l14.pt"), "--from", "mammut-openclip",
+                                         "-o", str(tmp_path / "o"), "--json"])
+    assert code == 2
+    error = json.loads(out)["error"]
+    assert error["missing"] == [] and error["shapes"] == []
+    # the MLPs of the layers with cross-attention and the final LayerNorm before pooling have no place
+    assert error["left_over"] == sorted(f"text.resblocks.{i}.{n}.{w}" for i in (0, 2) for n in ("ln_2", "mlp.c_fc", "mlp.c_proj")
+                                        for w in ("weight", "bias"))
+
+
 def test_init_refuses_a_checkpoint_of_another_model(run_cli, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(MBT_SPEC)
@@ -444,7 +555,7 @@ def test_an_unknown_format_gets_a_suggestion(run_cli, tmp_path):
 
 
 def test_every_shipped_format_parses_and_names_its_own_file():
-    assert {"cav-mae", "cav-mae-ft", "mbt", "zorro-port"} <= set(porting.format_names())
+    assert {"cav-mae", "cav-mae-ft", "mbt", "zorro-port", "mammut-openclip", "mammut-openclip-l14"} <= set(porting.format_names())
     for name in porting.format_names():
         assert porting.load_format(name).name == name
 

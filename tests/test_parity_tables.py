@@ -125,16 +125,18 @@ def test_mammut_table_sets_every_tensor_once(size, config, has_mlp):
     sizes, chosen = parity_mammut.SIZES[size], parity_mammut.CONFIGS[config]
     model = compile_graph(analyse_text(parity_mammut.spec_text(sizes, chosen), "<parity>").graph, device="meta")
     state = _open_clip_mammut_state(sizes, has_mlp)
-    ported = parity.port_table(model, state, chosen["weights"], (), parity_mammut.MAMMUT_UNUSED, parity_mammut.TRANSFORMS)
+    ported = porting.port(porting.load_format(chosen["format"]), state, model.state_dict())
     assert set(ported.state) == set(model.state_dict())
-    assert ported.unused == []
+    assert ported.unused == [] and ported.own == [] and ported.zeros == ["image_tokenize.proj.bias"]
     assert "decoder.blocks.shared.2.norm_memory.all.weight" in ported.state  # cross block 1 -> decoder layer 2
 
 
-def test_mammut_packed_projection_is_split_into_queries_and_keys_values():
+@pytest.mark.parametrize("name", ["mammut-openclip", "mammut-openclip-l14"])
+def test_mammut_packed_projection_is_split_into_queries_and_keys_values(name):
     packed = torch.arange(12.0).view(6, 2)  # rows q0 q1 k0 k1 v0 v1 of a width-2 in-projection
-    assert parity_mammut.TRANSFORMS["q_rows"](packed).tolist() == [[0, 1], [2, 3]]
-    assert parity_mammut.TRANSFORMS["kv_rows"](packed)[:, 0].tolist() == [4, 6, 8, 10]
+    steps = {r.how: r.steps for r in porting.load_format(name).tensors}
+    assert porting.apply_steps(steps["q_rows"], (packed,)).tolist() == [[0, 1], [2, 3]]
+    assert porting.apply_steps(steps["kv_rows"], (packed,))[:, 0].tolist() == [4, 6, 8, 10]
 
 
 def test_mammut_spec_at_paper_size_is_the_shipped_variant():
