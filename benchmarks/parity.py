@@ -8,8 +8,8 @@
 
 Imports the reference model from PATH at run time (nothing of it is copied into avdsl), gives it
 random weights (norms and biases included), ports them into the avdsl model built from the spec
-with the mapping `avdsl import` uses (the data files runtime/formats/cav-mae.yaml and
-cav-mae-ft.yaml), feeds both the same inputs and the same
+with the mapping `avdsl import` uses (the data files runtime/formats/*.yaml: cav-mae.yaml and
+cav-mae-ft.yaml here), feeds both the same inputs and the same
 masking noise, and prints the relative difference of every compared tensor in float64 and float32:
 ``max |avdsl - reference| / max |reference|``. Exit code 0 when every tensor is within the targets
 (1e-12 in float64, 1e-5 in float32), 1 otherwise.
@@ -166,60 +166,6 @@ def port(format_name: str, model, reference_state: dict) -> porting.Ported:
         return porting.port(porting.load_format(format_name), reference_state, model.state_dict())
     except porting.PortError as e:
         raise SystemExit(f"port incomplete:\n{e}") from None
-
-
-def expand(table, reference_keys) -> list[tuple[str, object, str]]:
-    """The table with ``{i}`` replaced by every layer index the reference has (``{i*N}`` in an avdsl
-    name: N times it, for a reference list that holds every N-th layer). A reference entry is one
-    name or a tuple of names that one avdsl tensor is made of (e.g. separate Q, K, V kernels)."""
-    out = []
-    for ours, theirs, how in table:
-        first = theirs[0] if isinstance(theirs, tuple) else theirs
-        if "{i}" not in first:
-            out.append((ours, theirs, how))
-            continue
-        pattern = re.compile(re.escape(first).replace(re.escape("{i}"), r"(\d+)") + "$")
-        for i in sorted({int(m.group(1)) for k in reference_keys if (m := pattern.match(k))}):
-            at = (lambda name, i=i: re.sub(r"\{i\*(\d+)\}", lambda m: str(i * int(m.group(1))), name).replace("{i}", str(i)))
-            out.append((at(ours), tuple(map(at, theirs)) if isinstance(theirs, tuple) else at(theirs), how))
-    return out
-
-
-@dataclass
-class Ported:
-    state: dict
-    unused: list  # reference tensors the reference's forward never reads
-
-
-def port_table(model, reference_state: dict, table, tables, unused_pattern: str, transforms: dict, own_pattern: str = r"$^") -> Ported:
-    """avdsl state from the reference state; every avdsl tensor set once and every reference tensor
-    used once (or known to be unused), or an error that lists what is missing or left over. avdsl
-    tensors matching ``own_pattern`` have no counterpart in the reference and keep their own values."""
-    ours = model.state_dict()
-    rows = expand(table, reference_state)
-    state, used = {}, set()
-    for name, theirs, how in rows:
-        names = theirs if isinstance(theirs, tuple) else (theirs,)
-        if name in state:
-            raise SystemExit(f"the table sets {name} twice")
-        absent = [n for n in (name,) if n not in ours] + [n for n in names if n not in reference_state]
-        if absent:
-            raise SystemExit(f"the table names {absent[0]}, which does not exist")
-        value = transforms[how](*(reference_state[n] for n in names))
-        if value.shape != ours[name].shape:
-            raise SystemExit(f"{theirs} {tuple(value.shape)} does not fit {name} {tuple(ours[name].shape)}")
-        state[name] = value
-        used.update(names)
-    compared = {name for name, _, _ in tables}
-    kept = {k for k in ours if re.fullmatch(own_pattern, k)}
-    missing = sorted(set(ours) - set(state) - compared - kept)
-    left = sorted(k for k in set(reference_state) - used - {t for _, t, _ in tables} if not re.fullmatch(unused_pattern, k))
-    if missing or left:
-        raise SystemExit("port incomplete:\n  avdsl tensors not set: " + ", ".join(missing or ["none"])
-                         + "\n  reference tensors left over: " + ", ".join(left or ["none"]))
-    for name in compared | kept:
-        state[name] = ours[name]  # each side's own table; avdsl's own tensors
-    return Ported(state, sorted(k for k in reference_state if re.fullmatch(unused_pattern, k)))
 
 
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -19,8 +19,9 @@ the normalised patch tokens without CLS) is that spec with ``cross_mlp: own`` an
 ``small`` a 2-layer ViT on 32 x 32 images and a 4-layer, 64-wide decoder with 16-token captions.
 
 Random weights everywhere (the reference's init; norms, biases and the logit scale shifted; the
-zero-initialised vocabulary projection drawn), ported with the name tables below; both models run the same images
-and captions (with trailing padding) in float64 and float32. Compared: the image tokens, the image
+zero-initialised vocabulary projection drawn), ported by the format `avdsl import` uses (the data
+files runtime/formats/mammut-openclip.yaml for B-32, mammut-openclip-l14.yaml for L-14; the patch
+bias open_clip has not is zero); both models run the same images and captions (with trailing padding) in float64 and float32. Compared: the image tokens, the image
 tokens mapped for the decoder, each decoder pass's text tokens, both embeddings, the logits and the
 losses (open_clip's `CoCaLoss` with weights 1, its learned logit scale ported to the spec's
 ``learn_tau=true`` temperature).
@@ -41,83 +42,7 @@ import torch.nn.functional as F
 from avdsl.api import analyse_text
 from avdsl.compiler import compile_graph
 
-from .parity import Capture, default_dtype, port_table, relative, report
-
-# ------------------------------------------------------------------------------ weight name tables
-# (avdsl name, reference name, how); ``{i}`` runs over the reference's layers, ``{i*2}`` is the
-# decoder layer of the i-th cross-attention block (one every second layer). ``how``: "copy";
-# "t" (an [in, out] matrix applied as ``x @ W``, transposed to a linear weight); "token" and
-# "table" (add the leading axes avdsl keeps); "q_rows" and "kv_rows" (the query rows and the key and
-# value rows of a packed in-projection); "zero_bias" (a bias the reference has not: zeros the size of
-# the named weight's output).
-_BLOCK = (("ln_1", "norm1.all"), ("attn.in_proj_weight", "qkv.weight"), ("attn.in_proj_bias", "qkv.bias"),
-          ("attn.out_proj", "proj"), ("ln_2", "norm2.all"), ("mlp.c_fc", "fc1"), ("mlp.c_proj", "fc2"))
-
-
-def _rows(ours: str, theirs: str, pairs) -> tuple:
-    """Copy rows for one block: (reference module, avdsl module) pairs, each with its weight and bias;
-    a pair naming a tensor (``attn.in_proj_weight``) is one row."""
-    out = []
-    for their, our in pairs:
-        if their.endswith(("_weight", "_bias")):
-            out.append((f"{ours}.{our}", f"{theirs}.{their}", "copy"))
-        else:
-            out += [(f"{ours}.{our}.{w}", f"{theirs}.{their}.{w}", "copy") for w in ("weight", "bias")]
-    return tuple(out)
-
-
-MAMMUT_COMMON_WEIGHTS = (
-    ("image_tokenize.proj.weight", "visual.conv1.weight", "copy"),
-    ("image_tokenize.proj.bias", "visual.conv1.weight", "zero_bias"),
-    ("image_cls.tokens", "visual.class_embedding", "token"),
-    ("image_position.pos", "visual.positional_embedding", "table"),
-    ("vision.pre.shared.all.weight", "visual.ln_pre.weight", "copy"),
-    ("vision.pre.shared.all.bias", "visual.ln_pre.bias", "copy"),
-    *_rows("vision.blocks.shared.{i}", "visual.transformer.resblocks.{i}", _BLOCK),
-    ("out_image_embedding.weight", "visual.proj", "t"),
-    ("memory_decoder_image_tokens.weight", "map_viz2txt_kv", "t"),
-    ("text_tokenize.table.weight", "text.token_embedding.weight", "copy"),
-    ("text_position.pos", "text.positional_embedding", "table"),
-    *_rows("decoder.blocks.shared.{i}", "text.resblocks.{i}", _BLOCK),
-    *_rows("decoder.blocks.shared.{i*2}", "text.cross_attn.{i}", (("ln_1", "norm_cross.all"), ("ln_1_kv", "norm_memory.all"),
-                                                                 ("attn.out_proj", "cross_proj"))),
-    ("decoder.blocks.shared.{i*2}.cross_q.weight", "text.cross_attn.{i}.attn.in_proj_weight", "q_rows"),
-    ("decoder.blocks.shared.{i*2}.cross_q.bias", "text.cross_attn.{i}.attn.in_proj_bias", "q_rows"),
-    ("decoder.blocks.shared.{i*2}.cross_kv.weight", "text.cross_attn.{i}.attn.in_proj_weight", "kv_rows"),
-    ("decoder.blocks.shared.{i*2}.cross_kv.bias", "text.cross_attn.{i}.attn.in_proj_bias", "kv_rows"),
-    ("decoder.final.shared.all.weight", "text.ln_final.weight", "copy"),
-    ("decoder.final.shared.all.bias", "text.ln_final.bias", "copy"),
-    ("out_logits.weight", "text.text_projection", "t"),
-    ("loss_contrastive_1.logit_scale", "logit_scale", "copy"),
-)
-# B-32 (`has_mlp: false`): the cross-attention block's MLP is the layer's MLP (`cross_mlp: with_cross`);
-# the final LayerNorm after pooling is the `layernorm()` of `image_embedding`
-MAMMUT_B32_WEIGHTS = (
-    *MAMMUT_COMMON_WEIGHTS,
-    *_rows("decoder.blocks.shared.{i*2}", "text.cross_attn.{i}", (("ln_2", "norm2.all"), ("mlp.c_fc", "fc1"), ("mlp.c_proj", "fc2"))),
-    ("out_image_embedding_1.weight", "visual.ln_post.weight", "copy"),
-    ("out_image_embedding_1.bias", "visual.ln_post.bias", "copy"),
-)
-# L-14 (open_clip's default `has_mlp: true`): the cross-attention block has its own MLP (`cross_mlp: own`);
-# the final LayerNorm is the vision encoder's
-MAMMUT_L14_WEIGHTS = (
-    *MAMMUT_COMMON_WEIGHTS,
-    *_rows("decoder.blocks.shared.{i*2}", "text.cross_attn.{i}", (("ln_2", "norm_cross_mlp.all"), ("mlp.c_fc", "cross_fc1"),
-                                                                 ("mlp.c_proj", "cross_fc2"))),
-    ("vision.final.shared.all.weight", "visual.ln_post.weight", "copy"),
-    ("vision.final.shared.all.bias", "visual.ln_post.bias", "copy"),
-)
-MAMMUT_UNUSED = r""  # the reference's forward reads every tensor it has
-
-TRANSFORMS = {
-    "copy": lambda t: t.clone(),
-    "t": lambda t: t.T.contiguous(),
-    "token": lambda t: t.view(1, 1, -1).clone(),
-    "table": lambda t: t.unsqueeze(0).clone(),
-    "q_rows": lambda t: t[: t.shape[0] // 3].clone(),
-    "kv_rows": lambda t: t[t.shape[0] // 3:].clone(),
-    "zero_bias": lambda w: torch.zeros(w.shape[0], dtype=w.dtype),
-}
+from .parity import Capture, default_dtype, port, relative, report
 
 # ------------------------------------------------------------------------------ sizes and specs
 
@@ -133,10 +58,10 @@ VOCAB = 49408  # open_clip's MultimodalTransformer builds its token table at thi
 CONFIGS = {
     "B-32": {"vision_cfg": {"pool_type": "avg", "final_ln_after_pool": True}, "text_cfg": {"has_mlp": False},
              "final_norm": "false", "cross_mlp": "with_cross", "memory": "vision.image",
-             "pooled": "layernorm(mean(vision.image))", "tokens": lambda x: x, "weights": MAMMUT_B32_WEIGHTS},
+             "pooled": "layernorm(mean(vision.image))", "tokens": lambda x: x, "format": "mammut-openclip"},
     "L-14": {"vision_cfg": {}, "text_cfg": {},
              "final_norm": "true", "cross_mlp": "own", "memory": "tokens(vision.image, skip=1)",
-             "pooled": "first(vision.image)", "tokens": lambda x: x[:, 1:], "weights": MAMMUT_L14_WEIGHTS},
+             "pooled": "first(vision.image)", "tokens": lambda x: x[:, 1:], "format": "mammut-openclip-l14"},
 }
 
 SPEC = """\
@@ -263,7 +188,7 @@ def mammut(args) -> int:
     ref = build_reference(mammut_model, size, config).eval()
     randomise(ref)
     model = compile_graph(analyse_text(spec_text(size, config), "<parity>", args.set).graph).eval()
-    ported = port_table(model, ref.state_dict(), config["weights"], (), MAMMUT_UNUSED, TRANSFORMS)
+    ported = port(config["format"], model, ref.state_dict())
     model.load_state_dict(ported.state)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -279,5 +204,5 @@ def mammut(args) -> int:
             results.setdefault(name, {})[dtype] = value
     print(f"MaMMUT (open_clip's structure of {args.config}, {args.size} size, batch {args.batch}) vs {args.reference}: "
           f"max |avdsl - reference| / max |reference|")
-    print(f"  ported {len(ported.state)} tensors")
+    print(f"  ported {len(ported.state) - len(ported.zeros)} tensors; zero: {', '.join(ported.zeros)} (open_clip has none)")
     return report(results)

@@ -13,8 +13,9 @@ So the port patches frequency x time and avdsl time x frequency: the audio patch
 audio tokens are permuted accordingly (in the ported weights and in the compared tokens).
 
 Weights: the port's random init, with every LayerNorm weight and bias and every linear bias made
-random as well, ported by `ZORRO_WEIGHTS`. The port has no projectors or loss; the spec's three
-projectors (``out_z[avf]``) are avdsl's own and not compared.
+random as well, ported by the format `avdsl import --from zorro-port` uses (the data file
+runtime/formats/zorro-port.yaml). The port has no projectors or loss; the spec's three projectors
+(``out_z[avf]``) are avdsl's own and not compared.
 """
 from __future__ import annotations
 
@@ -27,40 +28,7 @@ import torch
 from avdsl.api import analyse_text
 from avdsl.compiler import compile_graph
 
-from .parity import Capture, default_dtype, import_package, port_table, relative, report, swap_order
-
-# (avdsl name, port name or tuple of names, how); ``{i}`` runs over the port's layers
-ZORRO_WEIGHTS = (
-    ("audio_tokenize.norm_before.weight", "audio_to_tokens.1.weight", "values_t"),
-    ("audio_tokenize.norm_before.bias", "audio_to_tokens.1.bias", "values_t"),
-    ("audio_tokenize.proj.weight", "audio_to_tokens.2.weight", "audio_kernel"),
-    ("audio_tokenize.proj.bias", "audio_to_tokens.2.bias", "copy"),
-    ("audio_tokenize.norm_after.weight", "audio_to_tokens.3.weight", "copy"),
-    ("audio_tokenize.norm_after.bias", "audio_to_tokens.3.bias", "copy"),
-    ("video_tokenize.norm_before.weight", "video_to_tokens.1.weight", "copy"),
-    ("video_tokenize.norm_before.bias", "video_to_tokens.1.bias", "copy"),
-    ("video_tokenize.proj.weight", "video_to_tokens.2.weight", "video_kernel"),
-    ("video_tokenize.proj.bias", "video_to_tokens.2.bias", "copy"),
-    ("video_tokenize.norm_after.weight", "video_to_tokens.3.weight", "copy"),
-    ("video_tokenize.norm_after.bias", "video_to_tokens.3.bias", "copy"),
-    ("fusion_latent.tokens", "fusion_tokens", "batch1"),
-    ("backbone.blocks.shared.{i}.norm1.all.weight", "layers.{i}.0.norm.gamma", "copy"),
-    ("backbone.blocks.shared.{i}.qkv.weight", ("layers.{i}.0.to_q.weight", "layers.{i}.0.to_kv.weight"), "cat"),
-    ("backbone.blocks.shared.{i}.proj.weight", "layers.{i}.0.to_out.weight", "copy"),
-    ("backbone.blocks.shared.{i}.norm2.all.weight", "layers.{i}.1.0.gamma", "copy"),
-    ("backbone.blocks.shared.{i}.fc1.weight", "layers.{i}.1.1.weight", "halves_swapped"),
-    ("backbone.blocks.shared.{i}.fc2.weight", "layers.{i}.1.3.weight", "copy"),
-    ("backbone.final.shared.all.weight", "norm.gamma", "copy"),
-    ("out_pooled.queries", "return_tokens", "copy"),
-    ("out_pooled.norm.weight", "attn_pool.norm.gamma", "copy"),
-    ("out_pooled.attention.in_proj_weight", ("attn_pool.to_q.weight", "attn_pool.to_kv.weight"), "cat"),
-    ("out_pooled.attention.out_proj.weight", "attn_pool.to_out.weight", "copy"),
-)
-# port tensors that are not weights: the zero biases of its bias-free LayerNorms (buffers) and its
-# spectrogram window (avdsl is given the port's spectrogram)
-ZORRO_NOT_WEIGHTS = r"(.*\.)?beta|spec\.window"
-# avdsl tensors the port has no counterpart of: the paper's three projectors
-ZORRO_OWN = r"out_z[avf]\.(weight|bias)"
+from .parity import Capture, default_dtype, import_package, port, relative, report, swap_order
 
 # sizes the port is built at; the spec is `zorro-port` with the same sizes
 PAPER = {"dim": 768, "depth": 12, "heads": 12, "dim_head": 64, "samples": 12288, "video": (8, 224)}
@@ -82,20 +50,6 @@ encoders:
 outputs:
   pooled: attnpool(global_out, global_out, backbone.fusion, queries=3, heads={size['heads']}, each=true, norm=true, residual=true, bias=false)
 """
-
-
-def transforms(width: int) -> dict:
-    values_t = swap_order(PATCH, PATCH)  # values of an audio patch: (frequency, time) -> (time, frequency)
-    return {
-        "copy": lambda t: t.clone(),
-        "values_t": lambda t: t[values_t].clone(),
-        "audio_kernel": lambda w: w[:, values_t].reshape(width, 1, PATCH, PATCH).contiguous(),
-        "video_kernel": lambda w: w.reshape(width, 3, 2, PATCH, PATCH).contiguous(),
-        "batch1": lambda t: t.unsqueeze(0).clone(),
-        "cat": lambda *ws: torch.cat(ws, dim=0),
-        # the port's GEGLU gates the first half by the GELU of the second; avdsl the second by the first
-        "halves_swapped": lambda w: torch.cat(w.chunk(2, dim=0)[::-1], dim=0),
-    }
 
 
 def zorro(args) -> int:
@@ -127,8 +81,7 @@ def zorro(args) -> int:
     tokens_t = swap_order(bins // PATCH, frames // PATCH)  # port audio tokens (frequency-major) -> avdsl's
 
     model = compile_graph(analyse_text(spec_text(size, frames), "<parity>", args.set).graph).eval()
-    ported = port_table(model, ref.state_dict(), ZORRO_WEIGHTS, (), ZORRO_NOT_WEIGHTS,
-                  transforms(size["dim"]), ZORRO_OWN)
+    ported = port("zorro-port", model, ref.state_dict())
     model.load_state_dict(ported.state)
     n_audio, n_fusion = tokens_t.numel(), ref.fusion_tokens.shape[0]
 
@@ -164,10 +117,6 @@ def zorro(args) -> int:
     theirs = sum(p.numel() for p in ref.parameters())
     print(f"Zorro (zorro-port, {args.size} size, batch {args.batch}) vs the port at {args.reference}: "
           f"max |avdsl - reference| / max |reference|")
-    print(f"  ported {len(ported.state) - own_tensors(model)} tensors; parameters: port {theirs:,}, "
+    print(f"  ported {len(ported.state) - len(ported.own)} tensors; parameters: port {theirs:,}, "
           f"spec {ours_count:,} (= port + the paper's projectors {own:,})" + ("" if ours_count - own == theirs else "  MISMATCH"))
     return report(results) or int(ours_count - own != theirs)
-
-
-def own_tensors(model) -> int:
-    return sum(1 for n in model.state_dict() if n.startswith("out_z"))

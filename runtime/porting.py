@@ -33,6 +33,14 @@ that the command line can list the formats without loading it.) The keys of a fo
     - ``{regrid: [axis, rows]}``: axis ``axis`` holds a ``rows x cols`` grid in row-major order
       (``cols`` follows from the axis' length); it is re-ordered column-major, i.e. the grid is
       transposed. Token and value orders that differ by the two axes of a patch grid are this.
+    - ``{unsqueeze: [axis]}``: a new axis of length 1 at ``axis`` (``tensor.unsqueeze``): a
+      ``[tokens, width]`` table of any width as avdsl's ``[1, tokens, width]`` is ``unsqueeze: [0]``;
+    - ``{parts: [axis, n, k0, k1, ...]}``: axis ``axis`` cut into ``n`` equal parts, of which parts
+      ``k0, k1, ...`` are kept, in that order: the two halves of a gated feed-forward's first
+      projection in the other order are ``parts: [0, 2, 1, 0]``; the query rows of a packed
+      ``[3 x width, width]`` in-projection ``parts: [0, 3, 0]``, its key and value rows
+      ``parts: [0, 3, 1, 2]``. Only a transform that begins with ``parts`` lets several rows share one
+      checkpoint tensor, each taking other parts of it (together all of them).
 
     A row with several source tensors applies its steps to each and concatenates the results along
     axis 0 (separate query, key and value projections into one fused ``qkv``). A new kind of step is
@@ -47,7 +55,10 @@ that the command line can list the formats without loading it.) The keys of a fo
     with ``{placeholder}`` in ``to`` and ``from`` replaced by the entry's values. ``{i}`` is the
     layer index: a row with ``{i}`` stands for every index at which the avdsl model has the ``to``
     tensor (so the spec's depth decides, and a checkpoint with other depths shows up as missing or
-    left-over tensors).
+    left-over tensors). ``{i*A}`` and ``{i*A+B}`` (whole numbers) are index arithmetic, for a
+    reference that keeps every A-th layer's part in a list of its own: ``to:
+    dec.{i*2}.cross_q.weight, from: cross_attn.{i}.q`` stands for avdsl layers 0, 2, 4, ... from the
+    reference's entries 0, 1, 2, ...; ``to: dec.{i}.x, from: blocks.{i*2+1}.x`` for the odd ones.
 ``fixed`` (optional)
     rows for tensors that both sides compute and neither learns (fixed sin-cos position tables): the
     avdsl model keeps its own and the checkpoint's, after ``how``, must equal it (to 1e-4 of its
@@ -55,10 +66,18 @@ that the command line can list the formats without loading it.) The keys of a fo
 ``unused`` (optional)
     regular expressions (matching whole names) of checkpoint tensors the reference's forward never
     reads; they are reported and not imported.
+``own`` (optional)
+    regular expressions (matching whole names) of avdsl tensors the reference has no counterpart of
+    (a projector the paper adds that the reference code lacks): they keep the values the model is
+    built with (its initialisation) and are reported.
+``zeros`` (optional)
+    regular expressions of avdsl tensors the reference has no counterpart of that compute its
+    function when zero (the bias of a layer that has none in the reference): set to zeros, reported.
 
-Every avdsl tensor is set by exactly one row, every checkpoint tensor is used by exactly one row (or
-is fixed or unused); otherwise :func:`port` raises :class:`PortError` listing what is missing, what is
-left over, and every shape that does not fit (with both names and shapes).
+Every avdsl tensor is set by exactly one row (or is own or zeros), every checkpoint tensor is used
+by exactly one row (or by rows taking different parts of it, or is fixed or unused); otherwise
+:func:`port` raises :class:`PortError` listing what is missing, what is left over, and every shape
+that does not fit (with both names and shapes).
 """
 from __future__ import annotations
 
@@ -76,12 +95,13 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT_KEYS = ("format", "doc", "spec", "file", "nested_in", "strip_prefix", "transforms", "groups", "tensors",
-               "fixed", "unused")
+               "fixed", "unused", "own", "zeros")
 ROW_KEYS = ("to", "from", "how", "each")
-STEPS = ("permute", "flatten", "reshape", "regrid")
+STEPS = ("permute", "flatten", "reshape", "regrid", "unsqueeze", "parts")
 FILE_KINDS = ("torch", "npz")
 FIXED_TOLERANCE = 1e-4  # of the largest value of a fixed table
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_INDEX = re.compile(r"\{i(?:\*(\d+))?(?:\+(\d+))?\}")  # {i}, {i*A}, {i*A+B}, {i+B}
 
 
 class FormatError(ValueError):
@@ -113,6 +133,8 @@ class Format:
     tensors: tuple[Row, ...]
     fixed: tuple[Row, ...]
     unused: tuple[str, ...]
+    own: tuple[str, ...] = ()
+    zeros: tuple[str, ...] = ()
 
 
 @dataclass
@@ -122,6 +144,8 @@ class Ported:
     state: dict
     fixed: list = field(default_factory=list)  # checkpoint tensors checked against the model's own table
     unused: list = field(default_factory=list)  # checkpoint tensors the reference never reads
+    own: list = field(default_factory=list)  # avdsl tensors the reference lacks: the model's own values
+    zeros: list = field(default_factory=list)  # avdsl tensors the reference lacks: zeros
 
 
 @dataclass
@@ -185,6 +209,15 @@ def _steps(name: str, value, where: str) -> tuple[tuple[str, tuple[int, ...]], .
             raise FormatError(f"{where}: transform {name!r}: {kind} takes a list of whole numbers")
         if kind in ("flatten", "regrid") and len(args) != 2:
             raise FormatError(f"{where}: transform {name!r}: {kind} takes two numbers")
+        if kind == "unsqueeze" and len(args) != 1:
+            raise FormatError(f"{where}: transform {name!r}: unsqueeze takes one number")
+        if kind == "parts" and (len(args) < 3 or args[1] < 1 or len(set(args[2:])) != len(args) - 2
+                                or not all(0 <= k < args[1] for k in args[2:])):
+            raise FormatError(f"{where}: transform {name!r}: parts takes an axis, a number of parts n, then the "
+                              "parts kept (each of 0..n-1 at most once)")
+        if kind == "parts" and steps:
+            raise FormatError(f"{where}: transform {name!r}: parts comes first (it says which part of the "
+                              "checkpoint tensor the row takes)")
         steps.append((kind, tuple(args)))
     return tuple(steps)
 
@@ -250,9 +283,11 @@ def _rows(items, transforms: dict, groups: dict, where: str) -> tuple[Row, ...]:
         if how != "copy" and how not in transforms:
             raise FormatError(f"{at}: no transform {how!r} (defined: {', '.join(transforms) or 'none'})")
         to, sources = _names(item["to"], at)[0], _names(item["from"], at)
+        if any(m.group(1) is not None and int(m.group(1)) < 1 for t in (to, *sources) for m in _INDEX.finditer(t)):
+            raise FormatError(f"{at}: in {{i*A+B}}, A is a whole number of at least 1")
         for values in _combinations(item.get("each"), groups, at):
             filled = tuple(_fill(s, values, at) for s in sources)
-            if any("{i}" in s for s in filled) and "{i}" not in to:
+            if any(_INDEX.search(s) for s in filled) and not _INDEX.search(to):
                 raise FormatError(f"{at}: `from` has {{i}} but `to` does not")
             rows.append(Row(_fill(to, values, at), filled, how, transforms.get(how, ())))
     return tuple(rows)
@@ -272,18 +307,19 @@ def parse_format(data, source: str) -> Format:
         raise FormatError(f"{source}: file must be one of {', '.join(FILE_KINDS)}")
     transforms = {name: _steps(name, steps, source) for name, steps in (data.get("transforms") or {}).items()}
     groups = dict(data.get("groups") or {})
-    unused = tuple(data.get("unused") or ())
-    for pattern in unused:
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as e:
-            raise FormatError(f"{source}: unused: {pattern!r} is not a regular expression ({e})") from None
+    unused, own, zeros = (tuple(data.get(key) or ()) for key in ("unused", "own", "zeros"))
+    for key, patterns in (("unused", unused), ("own", own), ("zeros", zeros)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise FormatError(f"{source}: {key}: {pattern!r} is not a regular expression ({e})") from None
     return Format(
         name=str(data["format"]), doc=str(data["doc"]), spec=str(data["spec"]), file=data["file"],
         nested_in=tuple(data.get("nested_in") or ()), strip_prefix=tuple(data.get("strip_prefix") or ()),
         tensors=_rows(data["tensors"], transforms, groups, f"{source}: tensors"),
         fixed=_rows(data.get("fixed") or [], transforms, groups, f"{source}: fixed"),
-        unused=unused,
+        unused=unused, own=own, zeros=zeros,
     )
 
 
@@ -387,30 +423,50 @@ def apply_steps(steps, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 t = t.flatten(*args)
             elif kind == "reshape":
                 t = t.reshape(*args)
-            else:  # regrid
+            elif kind == "regrid":
                 axis, rows = args
                 length = t.shape[axis]
                 if rows < 1 or length % rows:
                     raise ValueError(f"regrid: axis {axis} of length {length} is not a grid of {rows} rows")
                 order = torch.arange(length).view(rows, length // rows).T.reshape(-1)
                 t = t.index_select(axis, order)
+            elif kind == "unsqueeze":
+                t = t.unsqueeze(args[0])
+            else:  # parts
+                axis, n, keep = args[0], args[1], args[2:]
+                if t.shape[axis] % n:
+                    raise ValueError(f"parts: axis {axis} of length {t.shape[axis]} is not {n} equal parts")
+                pieces = t.chunk(n, dim=axis)
+                t = torch.cat([pieces[k] for k in keep], dim=axis)
         parts.append(t)
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).contiguous()
 
 
+def _at(template: str, i: int) -> str:
+    """``template`` with every ``{i}``, ``{i*A}``, ``{i*A+B}`` replaced by its value at layer ``i``."""
+    return _INDEX.sub(lambda m: str(int(m.group(1) or 1) * i + int(m.group(2) or 0)), template)
+
+
 def expand(rows: tuple[Row, ...], names) -> list[Row]:
-    """The rows with ``{i}`` replaced by every layer index at which ``names`` (the avdsl model's) has
-    the ``to`` tensor."""
+    """The rows with ``{i}`` (or ``{i*A+B}``) replaced by every ``i`` at which ``names`` (the avdsl
+    model's) has the ``to`` tensor."""
     out = []
     for row in rows:
-        if "{i}" not in row.to:
+        first = _INDEX.search(row.to)
+        if first is None:
             out.append(row)
             continue
-        pattern = re.compile(re.escape(row.to).replace(re.escape("{i}"), r"(\d+)") + "$")
-        indices = sorted({int(m.group(1)) for n in names if (m := pattern.match(n))})
-        for i in indices:
-            out.append(Row(row.to.replace("{i}", str(i)), tuple(s.replace("{i}", str(i)) for s in row.sources),
-                           row.how, row.steps))
+        a, b = int(first.group(1) or 1), int(first.group(2) or 0)
+        literal = _INDEX.split(row.to)[::3]  # the text between the index expressions
+        pattern = re.compile(r"(\d+)".join(re.escape(part) for part in literal) + "$")
+        indices = set()
+        for name in names:
+            m = pattern.match(name)
+            n = int(m.group(1)) if m else -1
+            if n >= b and (n - b) % a == 0 and _at(row.to, (n - b) // a) == name:
+                indices.add((n - b) // a)
+        for i in sorted(indices):
+            out.append(Row(_at(row.to, i), tuple(_at(s, i) for s in row.sources), row.how, row.steps))
         if not indices:
             out.append(row)  # names no tensor of the model: reported as missing below
     return out
@@ -423,9 +479,11 @@ def _shape(t) -> list[int]:
 def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
     """The avdsl state made from ``checkpoint`` as ``fmt`` says, in the dtypes of ``model_state``
     (the model's own ``state_dict()``, also on the meta device). Raises PortError unless every avdsl
-    tensor gets exactly one source and every checkpoint tensor is used once, fixed or unused."""
+    tensor gets exactly one source and every checkpoint tensor is used once (whole, or in parts by
+    several rows), fixed or unused."""
+    import torch
     names = list(model_state)
-    state, used = {}, {}
+    state, used = {}, {}  # used: checkpoint name -> [(avdsl name, the parts it takes or None)]
     missing, shapes, fixed_differ, twice = [], [], [], []
     fixed_names, covered = [], set()  # covered: avdsl tensors a row names (set, or reported why not)
     for kind, rows in (("tensors", fmt.tensors), ("fixed", fmt.fixed)):
@@ -439,9 +497,7 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
             absent = [s for s in row.sources if s not in checkpoint]
             missing += [f"{s} (checkpoint, for {row.to})" for s in absent]
             for s in row.sources:
-                if s in used:
-                    twice.append(f"checkpoint {s} (for {used[s]} and {row.to})")
-                used[s] = row.to
+                used.setdefault(s, []).append((row.to, _taken(row.steps)))
             if absent:
                 continue
             ours = model_state[row.to]
@@ -466,16 +522,48 @@ def port(fmt: Format, checkpoint: dict, model_state: dict) -> Ported:
                                             f"{gap:.3g} (largest value {scale:.3g})")
                 continue
             state[row.to] = value.to(ours.dtype)
+    partly = []
+    for s, users in used.items():
+        problem = _shared(users)
+        if problem == "twice":
+            twice.append(f"checkpoint {s} (for {' and '.join(to for to, _ in users)})")
+        elif problem:
+            partly.append(f"{s} ({problem})")
     if twice:
         raise FormatError(f"format {fmt.name} uses a tensor twice: " + "; ".join(twice[:10]))
-    missing += [f"{n} (avdsl, no row of the format sets it)" for n in sorted(set(names) - covered)]
+    own, zeros = ([n for n in names if n not in covered and any(re.fullmatch(p, n) for p in patterns)]
+                  for patterns in (fmt.own, fmt.zeros))
+    missing += [f"{n} (avdsl, no row of the format sets it)" for n in sorted(set(names) - covered - set(own) - set(zeros))]
     unused = sorted(k for k in checkpoint if k not in used and any(re.fullmatch(p, k) for p in fmt.unused))
-    left = sorted(set(checkpoint) - set(used) - set(unused))
+    left = sorted(set(checkpoint) - set(used) - set(unused)) + sorted(partly)
     if missing or left or shapes or fixed_differ:
         raise PortError(missing, left, shapes, fixed_differ)
-    for name in fixed_names:
+    for name in fixed_names + own:
         state[name] = model_state[name]
-    return Ported(state, sorted(s for r in expand(fmt.fixed, names) for s in r.sources), unused)
+    state.update({name: torch.zeros_like(model_state[name]) for name in zeros})
+    return Ported(state, sorted(s for r in expand(fmt.fixed, names) for s in r.sources), unused, sorted(own), sorted(zeros))
+
+
+def _taken(steps) -> tuple | None:
+    """(axis, n, parts) of a transform that takes parts of its checkpoint tensor; None: all of it."""
+    if steps and steps[0][0] == "parts":
+        axis, n, *keep = steps[0][1]
+        return axis, n, frozenset(keep)
+    return None
+
+
+def _shared(users: list) -> str:
+    """What is wrong with the rows ``users`` that read one checkpoint tensor: "" (nothing), "twice"
+    (two rows read the same values), or which of its parts no row takes."""
+    if len(users) == 1 and users[0][1] is None:
+        return ""
+    taken = [t for _, t in users]
+    if any(t is None for t in taken) or len({t[:2] for t in taken}) > 1 or \
+            sum(len(t[2]) for t in taken) != len(frozenset().union(*(t[2] for t in taken))):
+        return "twice"
+    axis, n = taken[0][:2]
+    rest = sorted(set(range(n)) - frozenset().union(*(t[2] for t in taken)))
+    return f"parts {', '.join(map(str, rest))} of {n} on axis {axis}: no row takes them" if rest else ""
 
 
 def _clipped(text: str, limit: int = 300) -> str:

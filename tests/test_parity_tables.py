@@ -1,9 +1,11 @@
-"""The weight mappings of the parity scripts (benchmarks/parity.py, parity_mbt.py), which are the formats of
-`avdsl import` (runtime/formats/*.yaml): at the paper sizes every tensor of the avdsl model is set exactly
+"""The weight mappings of the parity scripts (benchmarks/parity.py, parity_mbt.py, parity_zorro.py), which
+are the formats of `avdsl import` (runtime/formats/*.yaml): at the paper sizes every tensor of the avdsl model is set exactly
 once, or listed as a fixed table each side builds itself, and the layout changes are right. Runs without
 the reference code: the reference's names are the ones the format gives, its tensors the avdsl model's
 own (on the meta device)."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -72,6 +74,15 @@ def test_flax_layouts_become_torch_layouts():
                           torch.einsum("nhk,hkd->nd", heads, out), atol=1e-5)
 
 
+def test_zorro_format_names_every_tensor_of_zorro_port_once_but_the_projectors():
+    model = compile_graph(analyse("zorro-port").graph, device="meta")
+    ours = list(model.state_dict())
+    fmt = porting.load_format("zorro-port")
+    named = [row.to for row in porting.expand(fmt.tensors, ours)]
+    own = [n for n in ours if any(re.fullmatch(p, n) for p in fmt.own)]
+    assert own == [f"out_z{m}.{w}" for m in "avf" for w in ("weight", "bias")]  # the paper's, not the port's
+    assert sorted(named + own) == sorted(ours)  # each once, none missing
+
 
 def _open_clip_mammut_state(size: dict, has_mlp: bool) -> dict:
     """The names and shapes of open_clip's MaMMUT state dict at one size (meta tensors)."""
@@ -114,16 +125,18 @@ def test_mammut_table_sets_every_tensor_once(size, config, has_mlp):
     sizes, chosen = parity_mammut.SIZES[size], parity_mammut.CONFIGS[config]
     model = compile_graph(analyse_text(parity_mammut.spec_text(sizes, chosen), "<parity>").graph, device="meta")
     state = _open_clip_mammut_state(sizes, has_mlp)
-    ported = parity.port_table(model, state, chosen["weights"], (), parity_mammut.MAMMUT_UNUSED, parity_mammut.TRANSFORMS)
+    ported = porting.port(porting.load_format(chosen["format"]), state, model.state_dict())
     assert set(ported.state) == set(model.state_dict())
-    assert ported.unused == []
+    assert ported.unused == [] and ported.own == [] and ported.zeros == ["image_tokenize.proj.bias"]
     assert "decoder.blocks.shared.2.norm_memory.all.weight" in ported.state  # cross block 1 -> decoder layer 2
 
 
-def test_mammut_packed_projection_is_split_into_queries_and_keys_values():
+@pytest.mark.parametrize("name", ["mammut-openclip", "mammut-openclip-l14"])
+def test_mammut_packed_projection_is_split_into_queries_and_keys_values(name):
     packed = torch.arange(12.0).view(6, 2)  # rows q0 q1 k0 k1 v0 v1 of a width-2 in-projection
-    assert parity_mammut.TRANSFORMS["q_rows"](packed).tolist() == [[0, 1], [2, 3]]
-    assert parity_mammut.TRANSFORMS["kv_rows"](packed)[:, 0].tolist() == [4, 6, 8, 10]
+    steps = {r.how: r.steps for r in porting.load_format(name).tensors}
+    assert porting.apply_steps(steps["q_rows"], (packed,)).tolist() == [[0, 1], [2, 3]]
+    assert porting.apply_steps(steps["kv_rows"], (packed,))[:, 0].tolist() == [4, 6, 8, 10]
 
 
 def test_mammut_spec_at_paper_size_is_the_shipped_variant():

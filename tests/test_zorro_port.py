@@ -1,10 +1,8 @@
 """What the Zorro port needs from the language, as general features: tokenizers with LayerNorms around
 the projection, attention pooling with per-tensor queries, normalised queries and a residual, `pick`;
-the `zorro-port` spec's parameter count, and the parity table (run without the port's code: its names
-and shapes are written here)."""
+the `zorro-port` spec's parameter count. (The port's weights come in by the import format `zorro-port`,
+tested with the port's names and shapes in test_import.py.)"""
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from avdsl.api import analyse, analyse_text
 from avdsl.compiler import compile_graph
 from avdsl.diagnostics import SpecError
 from avdsl.runtime.trial import random_batch
-from benchmarks import parity, parity_zorro
 
 SMALL = """avdsl: 1
 name: z
@@ -139,58 +136,6 @@ def test_zorro_port_has_the_ports_parameter_count_plus_the_projectors():
     assert a.cost.total_params == 88_712_960 + projectors  # the port at d 768 / L 12 / 12 heads of 64
     assert a.cost.params["out.pooled"] == 3 * 768 + 768 + 4 * 768 * 768
     assert analyse("zorro").cost.total_params == 88_419_840  # the paper spec: eps changes no count
-
-
-def _port_state(width: int, depth: int, mlp: int, fusion: int, channels: int = 3) -> dict:
-    """The names and shapes of the port's ``Zorro.state_dict()`` (values random)."""
-    shapes = {"return_tokens": (3, width), "attn_pool.norm.gamma": (width,), "attn_pool.norm.beta": (width,),
-              "attn_pool.to_q.weight": (width, width), "attn_pool.to_kv.weight": (2 * width, width),
-              "attn_pool.to_out.weight": (width, width), "spec.window": (24,), "fusion_tokens": (fusion, width),
-              "norm.gamma": (width,), "norm.beta": (width,)}
-    for name, values in (("audio", 256), ("video", channels * 2 * 256)):
-        shapes.update({f"{name}_to_tokens.1.weight": (values,), f"{name}_to_tokens.1.bias": (values,),
-                       f"{name}_to_tokens.2.weight": (width, values), f"{name}_to_tokens.2.bias": (width,),
-                       f"{name}_to_tokens.3.weight": (width,), f"{name}_to_tokens.3.bias": (width,)})
-    for i in range(depth):
-        shapes.update({f"layers.{i}.0.norm.gamma": (width,), f"layers.{i}.0.norm.beta": (width,),
-                       f"layers.{i}.0.to_q.weight": (width, width), f"layers.{i}.0.to_kv.weight": (2 * width, width),
-                       f"layers.{i}.0.to_out.weight": (width, width), f"layers.{i}.1.0.gamma": (width,),
-                       f"layers.{i}.1.0.beta": (width,), f"layers.{i}.1.1.weight": (2 * mlp, width),
-                       f"layers.{i}.1.3.weight": (width, mlp)})
-    return {k: torch.randn(s) for k, s in shapes.items()}
-
-
-def _small_model():
-    text = parity_zorro.spec_text(parity_zorro.SMALL, 64)
-    return compile_graph(analyse_text(text, "<parity>").graph)
-
-
-def test_zorro_table_sets_every_tensor_once_and_lists_left_overs():
-    model = _small_model()
-    state = _port_state(64, 2, 170, 16)
-    t = parity_zorro.transforms(64)
-    ported = parity.port_table(model, state, parity_zorro.ZORRO_WEIGHTS, (), parity_zorro.ZORRO_NOT_WEIGHTS, t, parity_zorro.ZORRO_OWN)
-    assert set(ported.state) == set(model.state_dict())
-    assert sum(p.numel() for p in model.parameters()) - sum(v.numel() for k, v in state.items()
-                                                             if not re.fullmatch(parity_zorro.ZORRO_NOT_WEIGHTS, k)) \
-        == 3 * (64 * 512 + 512)  # the projectors, avdsl's own
-    state["layers.0.1.2.weight"] = torch.randn(3)
-    with pytest.raises(SystemExit, match=r"left over: layers\.0\.1\.2\.weight"):
-        parity.port_table(model, state, parity_zorro.ZORRO_WEIGHTS, (), parity_zorro.ZORRO_NOT_WEIGHTS, t, parity_zorro.ZORRO_OWN)
-
-
-def test_zorro_transforms_keep_the_ports_functions():
-    t = parity_zorro.transforms(8)
-    # GEGLU: the port computes value * gelu(gate) with (value, gate) = halves; avdsl gelu(first) * second
-    w, x = torch.randn(2 * 5, 8), torch.randn(3, 8)
-    value, gate = F.linear(x, w).chunk(2, dim=-1)
-    a, b = F.linear(x, t["halves_swapped"](w)).chunk(2, dim=-1)
-    assert torch.equal(F.gelu(a) * b, F.gelu(gate) * value)
-    # audio kernel: the port's patch values are (frequency, time), avdsl's (time, frequency)
-    w = torch.randn(8, 256)
-    patch = torch.randn(16, 16)  # [time, frequency] as avdsl reads an fbank
-    ours = (t["audio_kernel"](w)[:, 0] * patch).sum(dim=(1, 2))
-    assert torch.allclose(ours, w @ patch.T.reshape(-1), atol=1e-5)
 
 
 def test_tokenizer_norm_is_given_by_name_only():

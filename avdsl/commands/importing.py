@@ -113,10 +113,11 @@ def import_command(
                                   model.spec_text, model.spec_hash)
     except CheckpointWriteError as e:
         raise CommandError(str(e), "free disk space or pass another -o", EXIT_FINDINGS) from None
-    imported = len(ported.state) - len(ported.fixed)
+    imported = len(ported.state) - len(ported.fixed) - len(ported.own) - len(ported.zeros)
     if as_json:
         print(json.dumps({"checkpoint": str(written), "format": from_, "spec": analysis.spec.name, "tensors": imported,
-                          "fixed": ported.fixed, "unused": ported.unused}, indent=2))
+                          "fixed": ported.fixed, "unused": ported.unused, "own": ported.own, "zeros": ported.zeros},
+                         indent=2))
         return
     out.print(f"imported {imported} tensors of {escape(checkpoint)} ({from_}) into {escape(analysis.spec.name)} "
               f"-> {escape(str(written))}", highlight=False)
@@ -125,4 +126,10 @@ def import_command(
     if ported.unused:
         out.print(f"  {len(ported.unused)} tensors the reference never reads were not imported: "
                   f"{escape('; '.join(porting.summarise(ported.unused)))}", highlight=False)
+    if ported.own:
+        out.print(f"  {len(ported.own)} tensors the reference does not have keep their initial values: "
+                  f"{escape('; '.join(porting.summarise(ported.own)))}", highlight=False)
+    if ported.zeros:
+        out.print(f"  {len(ported.zeros)} tensors the reference does not have are zero: "
+                  f"{escape('; '.join(porting.summarise(ported.zeros)))}", highlight=False)
     out.print(f"  next: avdsl eval {escape(output)}  |  avdsl train SPEC --init {escape(output)}", highlight=False)
