@@ -16,6 +16,7 @@ import torch
 
 from avdsl.api import analyse
 from avdsl.compiler import compile_graph
+from avdsl.runtime.train.master import Bf16Copy
 from avdsl.runtime.trial import random_batch
 
 from .compile import compile_model
@@ -42,27 +43,18 @@ def make_step(model, optimizer, batch: dict, precision: str, device_type: str = 
 
 
 def master_weights_step(model, optimizer, batch: dict):
-    """A step with the model's weights, buffers and inputs in bf16 and no autocast (no per-step casts of
-    weights, element-wise work in bf16), while an AdamW like ``optimizer`` steps fp32 master copies of
-    the weights, which are copied back into the bf16 weights after every step."""
-    masters = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    """A bf16w step (`avdsl.runtime.train.master`): forward and backward on a bf16 copy of ``model``,
+    an AdamW like ``optimizer`` on its fp32 weights as the master copy."""
+    half = Bf16Copy(model)
     group = optimizer.param_groups[0]
-    inner = torch.optim.AdamW(masters, lr=group["lr"], weight_decay=group["weight_decay"], fused=True)
-    model.to(torch.bfloat16)
-    params = list(model.parameters())
-    data = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    masters = torch.optim.AdamW(model.parameters(), lr=group["lr"], weight_decay=group["weight_decay"], fused=True)
 
     def step():
-        loss = model(**data)["loss"]
+        loss = half(**batch)["loss"]
         loss.backward()
-        for m, p in zip(masters, params):  # a weight no loss reaches has no gradient
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-        inner.step()
-        inner.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, m in zip(params, masters):
-                p.copy_(m)
+        half.gradients_to_masters()
+        masters.step()
+        half.masters_to_copy()
         return loss
     return step
 

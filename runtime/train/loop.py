@@ -336,7 +336,8 @@ def train(
                         optimizer.step()
                         if half is not None:
                             half.masters_to_copy()
-                optimizer.zero_grad(set_to_none=True)
+                if half is None:  # bf16w: gradients_to_masters overwrites the masters' gradients next step
+                    optimizer.zero_grad(set_to_none=True)
                 if flags.no_batch or flags.nonfinite:
                     if flags.nonfinite and config.on_nonfinite == "stop":
                         where = ", ".join(repr(t) for t in bad) if bad else "a term on another process"

@@ -29,9 +29,16 @@ class Bf16Copy:
                               for k, v in batch.items()})
 
     def gradients_to_masters(self) -> None:
-        """Widen the copy's gradients onto the master weights (and clear the copy's)."""
+        """Widen the copy's gradients onto the master weights (and clear the copy's). A master's
+        gradient buffer is reused from step to step (``copy_``): allocating hundreds of megabytes of
+        fresh fp32 gradients every step costs page faults on a CPU."""
         for master, weight in self.pairs:
-            master.grad = None if weight.grad is None else weight.grad.float()
+            if weight.grad is None:
+                master.grad = None
+            elif master.grad is None:
+                master.grad = weight.grad.float()
+            else:
+                master.grad.copy_(weight.grad)
             weight.grad = None
 
     def masters_to_copy(self) -> None:
