@@ -36,7 +36,7 @@ from avdsl.runtime.trial import random_batch
 
 from .compile import compile_model
 from .step import make_step, time_steps
-from .timing import machine_peaks
+from .timing import machine_peaks, peak_tflops
 
 SPEC = "cav-mae"
 # (who, mode, precision): the rows of the table, in order; the first is the reference of the ratios
@@ -146,7 +146,7 @@ def run(checkout: str, timm_dir: str | None, batch: int, reps: int, device: str 
         row = dict(zip(("who", "mode", "precision"), config), **_subprocess(config, batch, reps, checkout, timm_dir, device))
         if "step_s" in row:
             row["tflops"] = flops / row["step_s"] / 1e12
-            row["of_peak"] = row["tflops"] / peaks[f"{row['precision'][:4]}_tflops"]  # bf16w: the bf16 peak
+            row["of_peak"] = row["tflops"] / peak_tflops(peaks, row["precision"])
         rows.append(row)
     base = rows[0].get("step_s")
     for row in rows:

@@ -20,7 +20,7 @@ from avdsl.runtime.train.master import Bf16Copy
 from avdsl.runtime.trial import random_batch
 
 from .compile import compile_model
-from .timing import machine_peaks
+from .timing import machine_peaks, peak_tflops
 
 MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("compiled", "fp32"), ("eager", "bf16w"),
          ("compiled", "bf16w"))
@@ -93,7 +93,7 @@ def run(specs: list[str], batch: int | None, reps: int, budget: float, scope: st
         b = batch or int(analysis.spec.dims.get("B", 2))
         flops = 3 * analysis.cost.total_flops * b
         for mode, precision in MODES:
-            peak = peaks[f"{precision[:4]}_tflops"] * 1e12  # bf16w: the bf16 peak
+            peak = peak_tflops(peaks, precision) * 1e12
             row = {"spec": spec, "batch": b, "mode": mode, "precision": precision, "step_flops": flops}
             predicted = flops / (0.5 * peak)
             if predicted > budget:

@@ -65,6 +65,11 @@ def cpu_features() -> str:
     return " ".join([torch.backends.cpu.get_cpu_capability()] + extra)
 
 
+def peak_tflops(peaks: dict, precision: str) -> float:
+    """The matmul peak a precision's matrix products run at: bf16 for bf16 and bf16w, else fp32."""
+    return peaks["bf16_tflops" if precision.startswith("bf16") else "fp32_tflops"]
+
+
 def machine_peaks() -> dict:
     """fp32 and bf16 matmul peaks in TFLOP/s. bf16 uses a smaller matrix: on CPUs without native
     bf16 instructions it is emulated and a 1024 matmul takes seconds."""
