@@ -7,6 +7,9 @@ pre-load such a blob into its local caches (`torch.compiler.load_cache_artifacts
 per (spec hash, precision, batch, torch version) under the cache dir, so a warm rebuild is a trace plus
 cache hits. The key includes everything that changes the compiled graphs; a stale or corrupt blob is
 ignored (it only costs the cold compile).
+
+Inductor also re-checks, in every process, which vector instruction sets this CPU and compiler can use;
+`remember_vector_isa_checks` (run by `load`) keeps the checks that passed, see there.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class CacheKey:
 
 def load(key: CacheKey, directory: Path | None = None) -> bool:
     """Pre-load the artifacts stored for ``key`` into PyTorch's caches. True if there were any."""
+    remember_vector_isa_checks((directory or default_dir()) / "vec-isa")
     path = (directory or default_dir()) / key.file_name()
     if not path.is_file():
         return False
@@ -68,3 +72,39 @@ def save(key: CacheKey, directory: Path | None = None) -> Path | None:
         f.write(blob)
     os.replace(tmp, path)
     return path
+
+
+def remember_vector_isa_checks(directory: Path) -> None:
+    """Run each of inductor's CPU instruction-set checks once per machine instead of once per process.
+
+    Before it uses AVX2, AVX-512 or AMX, inductor (torch 2.11) builds a small test library per
+    instruction set (cached on disk) and loads it in a new Python process that imports torch: about ten
+    such processes in every process that compiles or loads compiled kernels, ~1 s each on a quiet
+    machine and most of a warm start (pytorch/pytorch#140970). Whether a library built by this compiler
+    with these flags loads does not change from one process to the next, so a check that passed leaves a
+    stamp in ``directory``, keyed by the fingerprint torch itself uses for the test build (compiler
+    version, flags, torch version) and the test code; with the stamp the check is not run again. A check
+    that failed runs again next time, as it does without this. There is no public switch for this check,
+    hence the use of ``torch._inductor.cpu_vec_isa``."""
+    from torch._inductor import cpu_vec_isa
+
+    if not getattr(cpu_vec_isa.VecISA.check_build, "remembered", False):
+        cpu_vec_isa.VecISA.check_build = remembering(cpu_vec_isa.VecISA.check_build, directory,
+                                                     cpu_vec_isa._get_isa_dry_compile_fingerprint)
+
+
+def remembering(check, directory: Path, fingerprint):
+    """``check(isa, code) -> bool`` that returns True without running ``check`` when it passed before."""
+    def remembered(isa, code: str) -> bool:
+        text = fingerprint(isa._arch_flags) + "\n" + code
+        stamp = directory / (hashlib.sha256(text.encode()).hexdigest()[:24] + ".ok")
+        if stamp.is_file():
+            return True
+        passed = check(isa, code)
+        if passed:
+            directory.mkdir(parents=True, exist_ok=True)
+            stamp.touch()
+        return passed
+
+    remembered.remembered = True
+    return remembered
