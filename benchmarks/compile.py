@@ -4,9 +4,12 @@ Three runs per spec, each a new process that builds the model from the spec, com
 ``--scope regional``, the default: each distinct encoder layer once, reused by the layers like it, see
 `avdsl.runtime.regional`; ``--scope whole``: the whole model) and runs one forward + backward:
   cold          empty avdsl cache, empty inductor cache: everything is compiled;
-  warm          the avdsl compile cache filled by the cold run, a *new empty* inductor cache: only
-                `avdsl.runtime.compile_cache` can help (what a fresh machine or container sees);
-  inductor-only the inductor cache dir of the cold run, no avdsl cache: PyTorch's own on-disk caches.
+  warm          the avdsl cache and the inductor cache of the cold run: what a second run of
+                `avdsl train --compile` on the same machine sees (the CLI keeps inductor's cache dir
+                under avdsl's, `$AVDSL_CACHE_DIR/inductor`);
+  fresh-machine the avdsl cache of the cold run, a *new empty* inductor cache: only the blob of
+                `avdsl.runtime.compile_cache` helps (a fresh container given the avdsl cache dir).
+"graphs" is how many graphs Dynamo traced (regional: one per distinct kind of layer call).
 """
 from __future__ import annotations
 
@@ -47,8 +50,11 @@ def once(spec: str, batch: int, precision: str, scope: str = "regional") -> dict
     timed_step(compiled, data, precision)
     compile_s = time.perf_counter() - step_start
     saved = None if loaded else compile_cache.save(key)
+    # private API: Dynamo's own count of the graphs it traced in this process (no public counter)
+    from torch._dynamo.utils import counters
     return {"build_s": build_s, "compile_s": compile_s, "total_s": time.perf_counter() - start,
-            "cache_loaded": loaded, "cache_saved": str(saved) if saved else None, "graph_breaks": 0}
+            "cache_loaded": loaded, "cache_saved": str(saved) if saved else None, "graph_breaks": 0,
+            "graphs": counters["stats"]["unique_graphs"]}
 
 
 def _subprocess(spec: str, batch: int, precision: str, scope: str, avdsl_dir: str, inductor_dir: str) -> dict:
@@ -68,21 +74,20 @@ def run(specs: list[str], batch: int, precision: str, scope: str = "regional") -
     rows = []
     for spec in specs:
         with tempfile.TemporaryDirectory() as root:
-            avdsl, empty = f"{root}/avdsl", f"{root}/avdsl-empty"
-            ind_cold, ind_warm = f"{root}/inductor-cold", f"{root}/inductor-warm"
-            runs = {"cold": _subprocess(spec, batch, precision, scope, avdsl, ind_cold),
-                    "warm": _subprocess(spec, batch, precision, scope, avdsl, ind_warm),
-                    "inductor-only": _subprocess(spec, batch, precision, scope, empty, ind_cold)}
+            avdsl, inductor, empty = f"{root}/avdsl", f"{root}/inductor", f"{root}/inductor-empty"
+            runs = {"cold": _subprocess(spec, batch, precision, scope, avdsl, inductor),
+                    "warm": _subprocess(spec, batch, precision, scope, avdsl, inductor),
+                    "fresh-machine": _subprocess(spec, batch, precision, scope, avdsl, empty)}
         rows.append({"spec": spec, "batch": batch, "precision": precision, "scope": scope, "runs": runs})
     return {"rows": rows}
 
 
 def render(result: dict) -> str:
     scopes = sorted({r.get("scope", "whole") for r in result["rows"]})
-    lines = [f"compiled: {', '.join(scopes)}", f"{'spec':<16}{'run':<15}{'build s':>9}{'compile+step s':>16}{'in-process s':>14}{'process s':>11}  cache"]
+    lines = [f"compiled: {', '.join(scopes)}", f"{'spec':<16}{'run':<15}{'build s':>9}{'graphs':>7}{'compile+step s':>16}{'in-process s':>14}{'process s':>11}  cache"]
     for r in result["rows"]:
         for name, x in r["runs"].items():
             cache = "loaded" if x["cache_loaded"] else ("saved" if x["cache_saved"] else "-")
-            lines.append(f"{r['spec']:<16}{name:<15}{x['build_s']:>9.2f}{x['compile_s']:>16.2f}{x['total_s']:>14.2f}"
+            lines.append(f"{r['spec']:<16}{name:<15}{x['build_s']:>9.2f}{x.get('graphs', 0):>7}{x['compile_s']:>16.2f}{x['total_s']:>14.2f}"
                          f"{x['process_s']:>11.2f}  {cache}")
     return "\n".join(lines)

@@ -36,6 +36,17 @@ class Attend(NamedTuple):
     cross: bool = False  # a cross-attention sub-layer (keys: memory streams or this encoder's streams)
 
 
+class Norms(NamedTuple):
+    """The LayerNorms of one Block that one pass uses (``Block.norms``); None where the Block has none.
+    A layer gets its norms rather than the pass's name, so compiled layers of different passes share code."""
+
+    attention: nn.Module | None
+    mlp: nn.Module
+    cross: nn.Module | None = None
+    memory: nn.Module | None = None
+    cross_mlp: nn.Module | None = None
+
+
 class LayerSizes(NamedTuple):
     width: int
     depth: int
@@ -107,6 +118,12 @@ class Block(nn.Module):
                 self.cross_fc1 = nn.Linear(width, inner, bias=bias)
                 self.cross_fc2 = nn.Linear(mlp_dim, width, bias=bias)
 
+    def norms(self, nk: str) -> Norms:
+        """The LayerNorms pass ``nk`` uses in this Block."""
+        def of(name):
+            return getattr(self, name)[nk] if hasattr(self, name) else None
+        return Norms(of("norm1"), self.norm2[nk], of("norm_cross"), of("norm_memory"), of("norm_cross_mlp"))
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self._feed_forward(x, self.fc1, self.fc2)
 
@@ -123,9 +140,10 @@ class Block(nn.Module):
             h = F.gelu(h)
         return self.drop(fc2(h))
 
-    def forward(self, nk: str, attends: tuple["Attend", ...], x: dict) -> dict:
+    def forward(self, norms: Norms, attends: tuple["Attend", ...], x: dict) -> dict:
         """This weight set's part of one layer: self-attention, cross-attention and feed-forward
-        for the query streams of ``attends`` (norms of pass ``nk``); returns {stream: new tokens}.
+        for the query streams of ``attends`` (with the LayerNorms ``norms`` of one pass, `Block.norms`);
+        returns {stream: new tokens}.
         Every layer runs this same code, so compiling it once serves all layers (regional
         compilation), and with ``fully_shard`` the layer's weights are gathered around this call."""
         selfs = [a for a in attends if not a.cross]
@@ -133,35 +151,35 @@ class Block(nn.Module):
         queries = list(dict.fromkeys(a.query for a in attends))
         h = {q: x[q] for q in queries}
         if selfs:
-            attn = self.self_attention(nk, selfs, x)
+            attn = self.self_attention(norms, selfs, x)
             for q, y in attn.items():
                 h[q] = h[q] + y
         crossing = list(dict.fromkeys(a.query for a in crosses))
         if self.cross_mlp == "own":  # self-attention -> MLP -> cross-attention -> its own MLP
-            h.update(self._residual_mlp(h, queries, self.norm2[nk], self.fc1, self.fc2))
+            h.update(self._residual_mlp(h, queries, norms.mlp, self.fc1, self.fc2))
             for a in crosses:
-                h[a.query] = h[a.query] + self.cross_attention(nk, a, h[a.query], x)
+                h[a.query] = h[a.query] + self.cross_attention(norms, a, h[a.query], x)
             if crossing:
-                h.update(self._residual_mlp(h, crossing, self.norm_cross_mlp[nk], self.cross_fc1, self.cross_fc2))
-            return h
+                h.update(self._residual_mlp(h, crossing, norms.cross_mlp, self.cross_fc1, self.cross_fc2))
+            return _contiguous(h)
         for a in crosses:
-            h[a.query] = h[a.query] + self.cross_attention(nk, a, h[a.query], x)
+            h[a.query] = h[a.query] + self.cross_attention(norms, a, h[a.query], x)
         fed = crossing if self.cross_mlp == "with_cross" else queries  # with_cross: the MLP runs with cross-attention only
         if fed:
-            h.update(self._residual_mlp(h, fed, self.norm2[nk], self.fc1, self.fc2))
-        return h
+            h.update(self._residual_mlp(h, fed, norms.mlp, self.fc1, self.fc2))
+        return _contiguous(h)
 
     def _residual_mlp(self, h: dict, names: list, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear) -> dict:
         """``x + MLP(norm(x))`` over the tokens of ``names`` at once (one matmul for all streams)."""
         return _over_streams(lambda t: t + self._feed_forward(norm(t), fc1, fc2), h, names)
 
-    def self_attention(self, nk: str, attends: list, x: dict) -> dict:
+    def self_attention(self, norms: Norms, attends: list, x: dict) -> dict:
         """Self-attention of one weight set: Q for query streams and K, V for key streams, each
         projected once; then one SDPA per group of query streams that read the same keys; then one
         output projection over every query token."""
         queries = list(dict.fromkeys(a.query for a in attends))
         keys = list(dict.fromkeys(k for a in attends for k in a.keys))
-        q, k, v = _project_qkv(self, self.norm1[nk], x, queries, keys)
+        q, k, v = _project_qkv(self, norms.attention, x, queries, keys)
         sizes = {s: x[s].shape[1] for s in queries + keys}
         groups: dict[tuple, list[str]] = {}
         for a in attends:
@@ -184,11 +202,11 @@ class Block(nn.Module):
         y = self.drop(self.proj(_cat(ys)))
         return dict(zip(order, torch.split(y, [sizes[s] for s in order], dim=1)))
 
-    def cross_attention(self, nk: str, attend: "Attend", h: torch.Tensor, x: dict) -> torch.Tensor:
+    def cross_attention(self, norms: Norms, attend: "Attend", h: torch.Tensor, x: dict) -> torch.Tensor:
         memory = torch.cat([x[k] for k in attend.keys], dim=1) if len(attend.keys) > 1 else x[attend.keys[0]]
-        if hasattr(self, "norm_memory"):
-            memory = self.norm_memory[nk](memory)
-        q = self.cross_q(self.norm_cross[nk](h))
+        if norms.memory is not None:
+            memory = norms.memory(memory)
+        q = self.cross_q(norms.cross(h))
         k, v = self.cross_kv(memory).chunk(2, dim=-1)
         y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
         return self.drop(self.cross_proj(_merge_heads(y)))
@@ -211,6 +229,16 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 def _cat(parts: list) -> torch.Tensor:
     """Concatenate along the token dim (no copy for a single part)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _contiguous(x: dict) -> dict:
+    """A layer's outputs as contiguous tensors, not views into the tokens of several streams at once:
+    every layer then sees inputs of one memory layout, and compiled layers (which specialise on strides)
+    share one graph from the first layer on. Inside a compiled layer the copy fuses into the kernel that
+    computes the output; eager layers keep their views (a copy there would only cost time)."""
+    if not torch.compiler.is_compiling():
+        return x
+    return {s: t.contiguous() for s, t in x.items()}
 
 
 def _over_streams(fn, x: dict, names: list) -> dict:
@@ -241,6 +269,18 @@ def _project_qkv(blk: "Block", norm: nn.Module, x: dict, queries: list, keys: li
         for s, y in _over_streams(lambda t: F.linear(norm(t), w[d:], None if b is None else b[d:]), x, k_only).items():
             k[s], v[s] = y.split(d, dim=-1)
     return q, k, v
+
+
+def _canonical(attends: list) -> tuple[tuple, dict]:
+    """``attends`` with its streams renamed by order of appearance ("0", "1", ...), and {new name: stream}:
+    a compiled layer specialises on the stream names it reads, so layers that differ only in the names
+    of their streams (audio alone, video alone) then share one graph."""
+    streams: dict[str, str] = {}
+    for a in attends:
+        for s in (a.query, *a.keys):
+            streams.setdefault(s, str(len(streams)))
+    call = tuple(a._replace(query=streams[a.query], keys=tuple(streams[k] for k in a.keys), weights="") for a in attends)
+    return call, {c: s for s, c in streams.items()}
 
 
 def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int], device) -> torch.Tensor:
@@ -316,7 +356,9 @@ class StreamTransformer(nn.Module):
             streams = {**unnamed, **streams}
         out: dict[str, torch.Tensor] = {}
         for pname, layers in self.plans.items():
-            x = dict(streams)
+            # contiguous inputs (tokenizers may return transposed views): the first layer of a pass then
+            # reads the same memory layout as the layers after it (see `_contiguous`)
+            x = {s: t.contiguous() for s, t in streams.items()}
             if len(self.pre):
                 for (p, s), ws in self.first_of.items():
                     if p == pname:
@@ -344,8 +386,15 @@ class StreamTransformer(nn.Module):
             by_ws.setdefault(a.weights, []).append(a)
         updates: dict[str, list[torch.Tensor]] = {}
         for ws, attends in by_ws.items():
-            for q, y in self.blocks[ws][li](nk, tuple(attends), x).items():
-                updates.setdefault(q, []).append(y)
+            blk = self.blocks[ws][li]
+            call, streams = _canonical(attends)
+            xs = {c: x[s] for c, s in streams.items()}
+            if not torch.compiler.is_compiling():  # a whole-model compile traces this method: no marks then
+                for t in xs.values():
+                    # private API: the documented way to mark a dim dynamic before a compiled call
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+            for c, y in blk(blk.norms(nk), call, xs).items():
+                updates.setdefault(streams[c], []).append(y)
         new = dict(x)
         for q, ys in updates.items():
             new[q] = ys[0] if len(ys) == 1 else torch.stack(ys, dim=0).mean(dim=0)
@@ -353,11 +402,11 @@ class StreamTransformer(nn.Module):
 
     def self_attention(self, blk: Block, nk: str, attends: list, x: dict) -> dict:
         """See :meth:`Block.self_attention` (kept here for the benchmarks and tests)."""
-        return blk.self_attention(nk, attends, x)
+        return blk.self_attention(blk.norms(nk), attends, x)
 
     def cross_attention(self, blk: Block, nk: str, attend: Attend, h: torch.Tensor, x: dict) -> torch.Tensor:
         """See :meth:`Block.cross_attention`."""
-        return blk.cross_attention(nk, attend, h, x)
+        return blk.cross_attention(blk.norms(nk), attend, h, x)
 
 
 def dense_attention_reference(blk: Block, nk: str, streams: dict, order: tuple, mask: torch.Tensor) -> dict:

@@ -68,7 +68,7 @@ def by_hand(blk, nk: str, t: torch.Tensor, m: torch.Tensor, order: tuple[str, ..
     """The layer computed sub-layer by sub-layer in the given order, from the block's own weights."""
     for step in order:
         if step == "self":
-            t = t + blk.self_attention(nk, [Attend("t", ("t",), "shared")], {"t": t})["t"]
+            t = t + blk.self_attention(blk.norms(nk), [Attend("t", ("t",), "shared")], {"t": t})["t"]
         elif step == "cross":
             memory = blk.norm_memory[nk](m) if hasattr(blk, "norm_memory") else m
             q = blk.cross_q(blk.norm_cross[nk](t))

@@ -27,7 +27,7 @@ def test_layer_outputs_are_the_layers_results(cavmae):
     assert sorted(kept) == sorted(names)
     # layer 0 by hand: the audio weight set's first block on the masked audio tokens
     block = model.unimodal.blocks["audio"][0]
-    by_hand = block("all", (Attend("audio", ("audio",), "audio"),), {"audio": kept["audio/kept"]})["audio"]
+    by_hand = block(block.norms("all"), (Attend("audio", ("audio",), "audio"),), {"audio": kept["audio/kept"]})["audio"]
     assert torch.equal(kept["unimodal.audio@0"], by_hand)
     # the last layer's output is the encoder's output before its final norm (unimodal has none)
     assert torch.equal(kept["unimodal.audio@1"], kept["unimodal.audio"])
