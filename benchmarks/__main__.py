@@ -8,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble",
+    parser.add_argument("what", choices=["peak", "attention", "step", "step-once", "compile", "compile-once", "ensemble",
                                          "reference-cavmae", "reference-cavmae-once", "profile", "precision"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", help="compile-once, profile: fp32 or bf16")
     parser.add_argument("--scope", choices=["regional", "whole"], default="regional",
                         help="compile, step: compile each distinct encoder layer once (regional) or the whole model")
+    parser.add_argument("--attention", choices=["planned", "dense", "both"], default="planned",
+                        help="step: the encoder layers' attention as planned, dense-masked, or both side by side")
     parser.add_argument("--reference", help="reference-cavmae: path of a checkout of the official CAV-MAE code")
     parser.add_argument("--timm", help="reference-cavmae: folder holding timm 0.4.5 (pip install --target DIR)")
     parser.add_argument("--device", default="cpu", help="reference-cavmae: cpu or cuda")
@@ -38,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "step":
         from . import step
 
-        result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope)
+        result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope, args.attention)
         text = step.render(result)
+    elif args.what == "step-once":  # one configuration (run by `step` in a fresh subprocess)
+        from . import step
+
+        spec, mode, precision = args.specs
+        print(json.dumps(step.time_mode(spec, args.batch or 2, mode, precision, args.reps, args.scope, args.attention)))
+        return 0
     elif args.what == "precision":
         from . import precision
 

@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import types
@@ -36,7 +35,7 @@ from avdsl.runtime.trial import random_batch
 
 from .compile import compile_model
 from .step import make_step, time_steps
-from .timing import machine_peaks, peak_tflops
+from .timing import machine_peaks, peak_memory_bytes, peak_tflops
 
 SPEC = "cav-mae"
 # (who, mode, precision): the rows of the table, in order; the first is the reference of the ratios
@@ -96,12 +95,6 @@ class _Reference(torch.nn.Module):
         return {"loss": self.model(fbank, frame, 0.75, 0.75, 1.0, 0.01)[0]}
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: str, timm_dir: str | None,
          device: str = "cpu") -> dict:
     """Build one model, run one untimed step (the compile, for `compiled`), then ``reps`` timed steps."""
@@ -121,7 +114,7 @@ def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: s
     runner = compile_model(model, "regional") if mode == "compiled" else model
     step = make_step(runner, optimizer, data, precision, device.type)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return {**time_steps(step, reps, sync), "peak_memory_gb": _peak_memory_bytes(device) / 1e9}
+    return {**time_steps(step, reps, sync), "peak_memory_gb": peak_memory_bytes(device) / 1e9}
 
 
 def _subprocess(config: tuple, batch: int, reps: int, checkout: str, timm_dir: str | None, device: str) -> dict:
