@@ -94,3 +94,19 @@ def test_dense_attention_applies_the_routing_mask():
     assert calls.masks == [(68, 68)] * 4  # 2 layers x 2 calls: one masked SDPA per layer
     torch.testing.assert_close(a["audio"], b["audio"], atol=1e-6, rtol=0)
     assert not torch.allclose(a["fusion"], b["fusion"], atol=1e-3)
+
+
+def test_step_benchmark_pairs_planned_with_dense_rows():
+    """`python -m benchmarks step --attention both`: dense beside planned in the eager modes only, and
+    the ratios planned / dense of each pair."""
+    from benchmarks import step
+
+    configs = step.configurations("both")
+    assert {(m, p) for m, p, a in configs if a == "dense"} == {("eager", "fp32"), ("eager", "bf16"), ("eager", "bf16w")}
+    assert [c for c in configs if c[2] == "planned"] == [(m, p, "planned") for m, p in step.MODES]
+    row = {"spec": "s", "batch": 2, "mode": "eager", "precision": "fp32"}
+    rows = [dict(row, attention="planned", step_s=1.0, tflops=0.3, peak_memory_gb=2.0),
+            dict(row, attention="dense", step_s=2.0, tflops=0.15, peak_memory_gb=4.0),
+            dict(row, precision="bf16", attention="planned", step_s=1.0, tflops=0.3, peak_memory_gb=2.0)]
+    (pair,) = step.planned_over_dense(rows)  # bf16 has no dense row: no pair
+    assert (pair["step_s"]["ratio"], pair["tflops"]["ratio"], pair["peak_memory_gb"]["ratio"]) == (0.5, 2.0, 0.5)
