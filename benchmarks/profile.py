@@ -11,7 +11,8 @@ optimizer, copies and casts, concatenation, norms, element-wise and the rest. Wh
 time holds beyond the aten operators is "compiled kernels and Python": inductor's fused kernels (which
 the profiler does not see as aten operators) plus interpreter overhead. With ``--reference`` the same
 split is taken for the official CAV-MAE model (imported from the user's checkout, as in
-`reference_cavmae`) on the same inputs, and the two are printed side by side.
+`reference_cavmae`; eager, and with autocast for bf16 and bf16w) on the same inputs, and the two are
+printed side by side.
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def run(spec: str, batch: int, precision: str, reps: int, mode: str = "eager", r
         from .reference_cavmae import build_reference
 
         torch.manual_seed(0)
-        sides["reference"] = profile_step(build_reference(reference, timm_dir), data, precision, "eager", reps)
+        own = "bf16" if precision == "bf16w" else precision  # the reference trains bf16 with autocast
+        sides["reference"] = profile_step(build_reference(reference, timm_dir), data, own, "eager", reps)
     for side in sides.values():
         side["rows"] = side["rows"][:top]
     return {"spec": spec, "batch": batch, "precision": precision, "mode": mode, "reps": reps, "sides": sides,
