@@ -14,10 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the minimum is reported)")
-    parser.add_argument("--precision", default="fp32", help="compile-once, profile: fp32 or bf16")
+    parser.add_argument("--precision", default="fp32", help="compile-once, profile: fp32, bf16 or bf16w")
     parser.add_argument("--scope", choices=["regional", "whole"], default="regional",
                         help="compile, step: compile each distinct encoder layer once (regional) or the whole model")
-    parser.add_argument("--reference", help="reference-cavmae: path of a checkout of the official CAV-MAE code")
+    parser.add_argument("--mode", choices=["eager", "compiled"], default="eager",
+                        help="profile: eager, or compiled per encoder layer (regional)")
+    parser.add_argument("--reference", help="reference-cavmae, profile: path of a checkout of the official CAV-MAE code")
     parser.add_argument("--timm", help="reference-cavmae: folder holding timm 0.4.5 (pip install --target DIR)")
     parser.add_argument("--device", default="cpu", help="reference-cavmae: cpu or cuda")
     parser.add_argument("--budget", type=float, default=60.0,
@@ -58,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "profile":
         from . import profile
 
-        result = profile.run(args.specs[0], args.batch or 2, args.precision, args.reps)
+        if args.reference and args.specs[0] != "cav-mae":
+            parser.error("profile --reference compares with the official CAV-MAE code: the spec must be cav-mae")
+        result = profile.run(args.specs[0], args.batch or 2, args.precision, args.reps, args.mode, args.reference,
+                             args.timm)
         text = profile.render(result)
     elif args.what == "reference-cavmae":
         from . import reference_cavmae
