@@ -157,3 +157,24 @@ def test_single_process_defaults(monkeypatch):
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         TrainConfig(strategy="zero3")
+
+
+def _train_cli(run_dir: Path, *extra: str) -> list[tuple[int, float]]:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "avdsl", "train", "tiny/zorro", "--nproc", "2", "--strategy", "fsdp",
+               "--steps", "2", "--batch-size", "4", "--train-size", "16", "--val-size", "8", "--eval-every", "0",
+               "--run-dir", str(run_dir), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return _eval_losses(run_dir)
+
+
+@pytest.mark.slow  # two 2-process runs of a spec, one compiling its layers (a few minutes on 2 cores)
+def test_fsdp_with_compiled_layers_trains_like_eager_fsdp(tmp_path):
+    eager = _train_cli(tmp_path / "eager")
+    compiled = _train_cli(tmp_path / "compiled", "--compile")
+    assert [s for s, _ in compiled] == [0, 2]
+    assert compiled[-1][1] < compiled[0][1]
+    assert [l for _, l in compiled] == pytest.approx([l for _, l in eager], abs=1e-4)
