@@ -8,8 +8,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble",
-                                         "reference-cavmae", "reference-cavmae-once", "profile", "precision"])
+    parser.add_argument("what", choices=["peak", "attention", "attention-dtype", "step", "compile", "compile-once",
+                                         "ensemble", "reference-cavmae", "reference-cavmae-once", "profile",
+                                         "precision"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
         result = attention.run(args.batch or 1, args.reps)
         text = attention.render(result)
+    elif args.what == "attention-dtype":
+        from . import attention_dtype
+
+        result = attention_dtype.run(args.batch or 4, min(args.reps, 3))
+        text = attention_dtype.render(result)
     elif args.what == "step":
         from . import step
 
