@@ -33,7 +33,6 @@ from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
-from .compile import compile_model
 from .step import make_step, time_steps
 from .timing import machine_peaks, peak_memory_bytes, peak_tflops
 
@@ -95,6 +94,13 @@ class _Reference(torch.nn.Module):
         return {"loss": self.model(fbank, frame, 0.75, 0.75, 1.0, 0.01)[0]}
 
 
+def build_reference(checkout: str, timm_dir: str | None) -> torch.nn.Module:
+    """The official pretraining model, ``CAVMAE(norm_pix_loss=True)``, called with avdsl's input names."""
+    cavmae = load_reference(checkout, timm_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
+        return _Reference(cavmae(norm_pix_loss=True))
+
+
 def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: str, timm_dir: str | None,
          device: str = "cpu") -> dict:
     """Build one model, run one untimed step (the compile, for `compiled`), then ``reps`` timed steps."""
@@ -103,16 +109,13 @@ def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: s
     avdsl = compile_graph(analyse(SPEC).graph)
     data = random_batch(avdsl.inputs, batch, device=device)
     if who == "reference":
-        cavmae = load_reference(checkout, timm_dir)
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
-            model = _Reference(cavmae(norm_pix_loss=True))
+        model = build_reference(checkout, timm_dir)
         del avdsl
     else:
         model = avdsl
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same for both sides
-    runner = compile_model(model, "regional") if mode == "compiled" else model
-    step = make_step(runner, optimizer, data, precision, device.type)
+    step = make_step(model, optimizer, data, precision, device.type, "regional" if mode == "compiled" else None)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     return {**time_steps(step, reps, sync), "peak_memory_gb": peak_memory_bytes(device) / 1e9}
 

@@ -54,26 +54,31 @@ def configurations(attention: str) -> list[tuple[str, str, str]]:
             for kind in (("planned", "dense") if mode == "eager" else ("planned",))]
 
 
-def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu"):
+def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu", scope: str | None = None):
     """One optimisation step as a closure; returns the loss. ``precision``: fp32, bf16 (autocast) or
-    bf16w (bf16 weights, see `master_weights_step`)."""
+    bf16w (bf16 weights, see `master_weights_step`). ``scope`` (regional or whole) compiles the model
+    the step runs on: ``model`` itself, or for bf16w its bf16 copy (a copy made after compiling would
+    run eager: the compiled code belongs to the original)."""
     if precision == "bf16w":
-        return master_weights_step(model, optimizer, batch)
+        return master_weights_step(model, optimizer, batch, scope)
+    runner = compile_model(model, scope) if scope else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(**batch)["loss"]
+            loss = runner(**batch)["loss"]
         loss.backward()
         optimizer.step()
         return loss
     return step
 
 
-def master_weights_step(model, optimizer, batch: dict):
-    """A bf16w step (`avdsl.runtime.train.master`): forward and backward on a bf16 copy of ``model``,
-    an AdamW like ``optimizer`` on its fp32 weights as the master copy."""
+def master_weights_step(model, optimizer, batch: dict, scope: str | None = None):
+    """A bf16w step (`avdsl.runtime.train.master`): forward and backward on a bf16 copy of ``model``
+    (compiled when ``scope`` is given), an AdamW like ``optimizer`` on its fp32 weights as the master copy."""
     half = Bf16Copy(model)
+    if scope:
+        half.module = compile_model(half.module, scope)
     group = optimizer.param_groups[0]
     masters = torch.optim.AdamW(model.parameters(), lr=group["lr"], weight_decay=group["weight_decay"], fused=True)
 
@@ -97,8 +102,8 @@ def time_mode(spec: str, batch: int, mode: str, precision: str, reps: int, scope
     use_dense_attention(model, attention == "dense")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the training loop
     torch.compiler.reset()  # every spec compiles from scratch: no recompiles, no automatic dynamic shapes
-    runner = compile_model(model, scope) if mode == "compiled" else model
-    step = make_step(runner, optimizer, random_batch(model.inputs, batch), precision)
+    step = make_step(model, optimizer, random_batch(model.inputs, batch), precision,
+                     scope=scope if mode == "compiled" else None)
     return {**time_steps(step, reps), "peak_memory_gb": peak_memory_bytes() / 1e9}
 
 

@@ -7,8 +7,8 @@ Execution follows the plan's block structure instead of building a dense mask:
   (one matmul over the concatenated tokens); a key-only stream gets only K and V, a query-only stream
   only Q, so the work is what `avdsl.passes.cost` counts;
 - query streams that read the same key streams form a group: their queries are concatenated and one
-  unmasked `scaled_dot_product_attention` runs over exactly those keys (gathered once), with
-  ``is_causal`` for a causal stream reading only itself. Work is proportional to what the routing
+  unmasked `scaled_dot_product_attention` (`attention.sdpa`) runs over exactly those keys (gathered
+  once), with ``is_causal`` for a causal stream reading only itself. Work is proportional to what the routing
   allows. A boolean mask is built only where routing is finer than streams (a causal stream that
   also reads another stream);
 - cross-attention is its own sub-layer over memory streams;
@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import sdpa
 
 
 class Attend(NamedTuple):
@@ -175,14 +177,14 @@ class Block(nn.Module):
             qh = _heads(_cat([q[s] for s in qs]), self.heads)
             kh, vh = _heads(_cat([k[s] for s in group_keys]), self.heads), _heads(_cat([v[s] for s in group_keys]), self.heads)
             if causal and len(qs) == 1 and group_keys == (qs[0],):
-                y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+                y = sdpa(qh, kh, vh, is_causal=True)
             elif causal:
                 masks = [_prefix_causal_mask(s, group_keys, sizes, qh.device) if s in group_keys else
                          torch.ones(sizes[s], sum(sizes[k_] for k_ in group_keys), dtype=torch.bool, device=qh.device)
                          for s in qs]
-                y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
+                y = sdpa(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
             else:
-                y = F.scaled_dot_product_attention(qh, kh, vh)
+                y = sdpa(qh, kh, vh)
             order += qs
             ys.append(_merge_heads(y))
         y = self.drop(self.proj(_cat(ys)))
@@ -205,7 +207,7 @@ class Block(nn.Module):
             memory = self.norm_memory[nk](memory)
         q = self.cross_q(self.norm_cross[nk](h))
         k, v = self.cross_kv(memory).chunk(2, dim=-1)
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
+        y = sdpa(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
         return self.drop(self.cross_proj(_merge_heads(y)))
 
 
@@ -412,6 +414,6 @@ def dense_attention_reference(blk: Block, nk: str, streams: dict, order: tuple, 
     sizes = [streams[s].shape[1] for s in order]
     cat = torch.cat([streams[s] for s in order], dim=1)
     q, k, v = blk.qkv(blk.norm1[nk](cat)).chunk(3, dim=-1)
-    y = F.scaled_dot_product_attention(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads), attn_mask=mask)
+    y = sdpa(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads), attn_mask=mask)
     y = blk.drop(blk.proj(_merge_heads(y)))
     return dict(zip(order, torch.split(y, sizes, dim=1)))
