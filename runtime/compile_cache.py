@@ -84,9 +84,8 @@ def remember_vector_isa_checks(directory: Path) -> None:
     with these flags loads does not change from one process to the next, so a check that passed leaves a
     stamp in ``directory``, keyed by the fingerprint torch itself uses for the test build (compiler
     version, flags, torch version) and the test code; with the stamp the check is not run again. A check
-    that failed runs again next time, as it does without this. There is no public switch for this check,
-    hence the use of ``torch._inductor.cpu_vec_isa``."""
-    from torch._inductor import cpu_vec_isa
+    that failed runs again next time, as it does without this."""
+    from torch._inductor import cpu_vec_isa  # private API: no public switch for this check (see above)
 
     if not getattr(cpu_vec_isa.VecISA.check_build, "remembered", False):
         cpu_vec_isa.VecISA.check_build = remembering(cpu_vec_isa.VecISA.check_build, directory,

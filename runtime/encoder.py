@@ -437,9 +437,8 @@ class StreamTransformer(nn.Module):
             call, streams = _canonical(attends)
             xs = {c: x[s] for c, s in streams.items()}
             if not torch.compiler.is_compiling():  # a whole-model compile traces this method: no marks then
-                for t in xs.values():
-                    # private API: the documented way to mark a dim dynamic before a compiled call
-                    torch._dynamo.maybe_mark_dynamic(t, 1)
+                for t in xs.values():  # one graph for every token count: see `_canonical`
+                    torch._dynamo.maybe_mark_dynamic(t, 1)  # private API: torch's documented dynamic-shape mark
             for c, y in blk(blk.norms(nk), call, xs).items():
                 updates.setdefault(streams[c], []).append(y)
         new = dict(x)
