@@ -148,7 +148,7 @@ def test_no_private_apis_of_other_packages_in_the_package():
         for path in (ROOT / folder).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 code, _, comment = line.partition("#")
-                # the working rules allow a private API where a comment on that line says why
+                # the conventions allow a private API where a comment on that line says why
                 if PRIVATE.search(code) and not comment.strip().startswith("private API:"):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
