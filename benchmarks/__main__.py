@@ -8,16 +8,21 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("what", choices=["peak", "attention", "step", "compile", "compile-once", "ensemble",
-                                         "reference-cavmae", "reference-cavmae-once", "profile", "precision"])
+    parser.add_argument("what", choices=["peak", "attention", "attention-dtype", "step", "step-once", "compile",
+                                         "compile-once", "ensemble", "reference-cavmae", "reference-cavmae-once",
+                                         "profile", "precision"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the minimum is reported)")
-    parser.add_argument("--precision", default="fp32", help="compile-once, profile: fp32 or bf16")
+    parser.add_argument("--precision", default="fp32", help="compile-once, profile: fp32, bf16 or bf16w")
     parser.add_argument("--scope", choices=["regional", "whole"], default="regional",
                         help="compile, step: compile each distinct encoder layer once (regional) or the whole model")
-    parser.add_argument("--reference", help="reference-cavmae: path of a checkout of the official CAV-MAE code")
+    parser.add_argument("--attention", choices=["planned", "dense", "both"], default="planned",
+                        help="step: the encoder layers' attention as planned, dense-masked, or both side by side")
+    parser.add_argument("--mode", choices=["eager", "compiled"], default="eager",
+                        help="profile: eager, or compiled per encoder layer (regional)")
+    parser.add_argument("--reference", help="reference-cavmae, profile: path of a checkout of the official CAV-MAE code")
     parser.add_argument("--timm", help="reference-cavmae: folder holding timm 0.4.5 (pip install --target DIR)")
     parser.add_argument("--device", default="cpu", help="reference-cavmae: cpu or cuda")
     parser.add_argument("--budget", type=float, default=60.0,
@@ -35,11 +40,22 @@ def main(argv: list[str] | None = None) -> int:
 
         result = attention.run(args.batch or 1, args.reps)
         text = attention.render(result)
+    elif args.what == "attention-dtype":
+        from . import attention_dtype
+
+        result = attention_dtype.run(args.batch or 4, min(args.reps, 3))
+        text = attention_dtype.render(result)
     elif args.what == "step":
         from . import step
 
-        result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope)
+        result = step.run(args.specs, args.batch, args.reps, args.budget, args.scope, args.attention)
         text = step.render(result)
+    elif args.what == "step-once":  # one configuration (run by `step` in a fresh subprocess)
+        from . import step
+
+        spec, mode, precision = args.specs
+        print(json.dumps(step.time_mode(spec, args.batch or 2, mode, precision, args.reps, args.scope, args.attention)))
+        return 0
     elif args.what == "precision":
         from . import precision
 
@@ -58,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "profile":
         from . import profile
 
-        result = profile.run(args.specs[0], args.batch or 2, args.precision, args.reps)
+        if args.reference and args.specs[0] != "cav-mae":
+            parser.error("profile --reference compares with the official CAV-MAE code: the spec must be cav-mae")
+        result = profile.run(args.specs[0], args.batch or 2, args.precision, args.reps, args.mode, args.reference,
+                             args.timm)
         text = profile.render(result)
     elif args.what == "reference-cavmae":
         from . import reference_cavmae

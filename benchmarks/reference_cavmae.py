@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import types
@@ -34,9 +33,8 @@ from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
-from .compile import compile_model
 from .step import make_step, time_steps
-from .timing import machine_peaks, peak_tflops
+from .timing import machine_peaks, peak_memory_bytes, peak_tflops
 
 SPEC = "cav-mae"
 # (who, mode, precision): the rows of the table, in order; the first is the reference of the ratios
@@ -96,10 +94,11 @@ class _Reference(torch.nn.Module):
         return {"loss": self.model(fbank, frame, 0.75, 0.75, 1.0, 0.01)[0]}
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def build_reference(checkout: str, timm_dir: str | None) -> torch.nn.Module:
+    """The official pretraining model, ``CAVMAE(norm_pix_loss=True)``, called with avdsl's input names."""
+    cavmae = load_reference(checkout, timm_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
+        return _Reference(cavmae(norm_pix_loss=True))
 
 
 def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: str, timm_dir: str | None,
@@ -110,18 +109,15 @@ def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: s
     avdsl = compile_graph(analyse(SPEC).graph)
     data = random_batch(avdsl.inputs, batch, device=device)
     if who == "reference":
-        cavmae = load_reference(checkout, timm_dir)
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
-            model = _Reference(cavmae(norm_pix_loss=True))
+        model = build_reference(checkout, timm_dir)
         del avdsl
     else:
         model = avdsl
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same for both sides
-    runner = compile_model(model, "regional") if mode == "compiled" else model
-    step = make_step(runner, optimizer, data, precision, device.type)
+    step = make_step(model, optimizer, data, precision, device.type, "regional" if mode == "compiled" else None)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return {**time_steps(step, reps, sync), "peak_memory_gb": _peak_memory_bytes(device) / 1e9}
+    return {**time_steps(step, reps, sync), "peak_memory_gb": peak_memory_bytes(device) / 1e9}
 
 
 def _subprocess(config: tuple, batch: int, reps: int, checkout: str, timm_dir: str | None, device: str) -> dict:

@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: best-of-N wall time and the machine's matmul peak."""
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -63,6 +64,14 @@ def cpu_features() -> str:
         pass
     extra = [f"+{f}" for f in ("amx_bf16", "avx512_bf16") if f in flags]
     return " ".join([torch.backends.cpu.get_cpu_capability()] + extra)
+
+
+def peak_memory_bytes(device: torch.device = torch.device("cpu")) -> int:
+    """The most memory this process has held: max RSS on the CPU, max allocated on CUDA. Run one
+    configuration per process to get that configuration's alone."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_tflops(peaks: dict, precision: str) -> float:

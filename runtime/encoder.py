@@ -7,15 +7,16 @@ Execution follows the plan's block structure instead of building a dense mask:
   (one matmul over the concatenated tokens); a key-only stream gets only K and V, a query-only stream
   only Q, so the work is what `avdsl.passes.cost` counts;
 - query streams that read the same key streams form a group: their queries are concatenated and one
-  unmasked `scaled_dot_product_attention` runs over exactly those keys (gathered once), with
-  ``is_causal`` for a causal stream reading only itself. Work is proportional to what the routing
+  unmasked `scaled_dot_product_attention` (`attention.sdpa`) runs over exactly those keys (gathered
+  once), with ``is_causal`` for a causal stream reading only itself. Work is proportional to what the routing
   allows. A boolean mask is built only where routing is finer than streams (a causal stream that
   also reads another stream);
 - cross-attention is its own sub-layer over memory streams;
 - a stream updated under several weight sets in one layer (MBT's bottleneck) takes the mean.
 
 `dense_attention_reference` computes the same layer the slow way (one masked attention over all
-tokens) and exists for tests and benchmarks.
+tokens) and exists for tests and benchmarks; `use_dense_attention` makes every layer of a model run
+that way (the dense-masked baseline of a whole training step: same weights, same outputs).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import sdpa
 
 
 class Attend(NamedTuple):
@@ -83,6 +86,7 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.activation = activation
+        self.dense_attention = False  # the dense-masked baseline instead of the plan (`use_dense_attention`)
         # which streams run the layer's MLP: all (shared, own) or those that cross-attend (with_cross, when
         # this layer has cross-attention); `own` adds a second MLP after cross-attention for those streams
         self.cross_mlp = cross_mlp if cross_width is not None else "shared"
@@ -159,6 +163,8 @@ class Block(nn.Module):
         """Self-attention of one weight set: Q for query streams and K, V for key streams, each
         projected once; then one SDPA per group of query streams that read the same keys; then one
         output projection over every query token."""
+        if self.dense_attention:
+            return self.dense_self_attention(nk, attends, x)
         queries = list(dict.fromkeys(a.query for a in attends))
         keys = list(dict.fromkeys(k for a in attends for k in a.keys))
         q, k, v = _project_qkv(self, self.norm1[nk], x, queries, keys)
@@ -171,18 +177,29 @@ class Block(nn.Module):
             qh = _heads(_cat([q[s] for s in qs]), self.heads)
             kh, vh = _heads(_cat([k[s] for s in group_keys]), self.heads), _heads(_cat([v[s] for s in group_keys]), self.heads)
             if causal and len(qs) == 1 and group_keys == (qs[0],):
-                y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+                y = sdpa(qh, kh, vh, is_causal=True)
             elif causal:
                 masks = [_prefix_causal_mask(s, group_keys, sizes, qh.device) if s in group_keys else
                          torch.ones(sizes[s], sum(sizes[k_] for k_ in group_keys), dtype=torch.bool, device=qh.device)
                          for s in qs]
-                y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
+                y = sdpa(qh, kh, vh, attn_mask=torch.cat(masks, dim=0))
             else:
-                y = F.scaled_dot_product_attention(qh, kh, vh)
+                y = sdpa(qh, kh, vh)
             order += qs
             ys.append(_merge_heads(y))
         y = self.drop(self.proj(_cat(ys)))
         return dict(zip(order, torch.split(y, [sizes[s] for s in order], dim=1)))
+
+    def dense_self_attention(self, nk: str, attends: list, x: dict) -> dict:
+        """The same self-attention the dense-masked way, the baseline the plan is measured against:
+        the tokens of every stream this weight set's self-attention touches, concatenated, through
+        one Q/K/V projection and one SDPA with the routing's boolean mask (`routing_mask`)."""
+        queries = list(dict.fromkeys(a.query for a in attends))
+        touched = set(queries) | {k for a in attends for k in a.keys}
+        order = tuple(s for s in x if s in touched)
+        mask = routing_mask(attends, {s: x[s].shape[1] for s in order}, order, x[order[0]].device)
+        y = dense_attention_reference(self, nk, x, order, mask)
+        return {q: y[q] for q in queries}
 
     def cross_attention(self, nk: str, attend: "Attend", h: torch.Tensor, x: dict) -> torch.Tensor:
         memory = torch.cat([x[k] for k in attend.keys], dim=1) if len(attend.keys) > 1 else x[attend.keys[0]]
@@ -190,7 +207,7 @@ class Block(nn.Module):
             memory = self.norm_memory[nk](memory)
         q = self.cross_q(self.norm_cross[nk](h))
         k, v = self.cross_kv(memory).chunk(2, dim=-1)
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
+        y = sdpa(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
         return self.drop(self.cross_proj(_merge_heads(y)))
 
 
@@ -254,6 +271,36 @@ def _prefix_causal_mask(query: str, keys: tuple[str, ...], sizes: dict[str, int]
         else:
             cols.append(torch.ones(nq, sizes[k], dtype=torch.bool, device=device))
     return torch.cat(cols, dim=1)
+
+
+def routing_mask(attends, sizes: dict[str, int], order: tuple[str, ...], device=None) -> torch.Tensor:
+    """The boolean mask [N, N] over the tokens of ``order`` (True = may attend; rows are queries) that
+    the self-attention entries ``attends`` imply: the runtime's `avdsl.routing.token_mask`. A causal
+    entry hides the future tokens of its own stream; a stream no entry updates sees only itself."""
+    starts, total = {}, 0
+    for s in order:
+        starts[s] = total
+        total += sizes[s]
+    mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+    for a in attends:
+        q0, nq = starts[a.query], sizes[a.query]
+        for k in a.keys:
+            block = torch.ones(nq, sizes[k], dtype=torch.bool, device=device)
+            mask[q0:q0 + nq, starts[k]:starts[k] + sizes[k]] |= block.tril() if a.causal and k == a.query else block
+    for s in order:
+        if all(a.query != s for a in attends):
+            mask[starts[s]:starts[s] + sizes[s], starts[s]:starts[s] + sizes[s]] = torch.eye(sizes[s], dtype=torch.bool, device=device)
+    return mask
+
+
+def use_dense_attention(model: nn.Module, dense: bool = True) -> nn.Module:
+    """Make every encoder layer in ``model`` run its self-attention dense-masked
+    (`Block.dense_self_attention`) instead of as planned, or back with ``dense=False``. The weights
+    and outputs stay the same (within rounding); this is the baseline for benchmarks and tests."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.dense_attention = dense
+    return model
 
 
 class StreamTransformer(nn.Module):
@@ -362,10 +409,11 @@ class StreamTransformer(nn.Module):
 
 def dense_attention_reference(blk: Block, nk: str, streams: dict, order: tuple, mask: torch.Tensor) -> dict:
     """Self-attention of one shared-weight layer the slow way: all tokens, one boolean mask
-    [N, N] (True = may attend). Returns the attention outputs per stream (before the residual)."""
+    [N, N] (True = may attend). Returns the attention outputs per stream (after the layer's dropout,
+    before the residual)."""
     sizes = [streams[s].shape[1] for s in order]
     cat = torch.cat([streams[s] for s in order], dim=1)
     q, k, v = blk.qkv(blk.norm1[nk](cat)).chunk(3, dim=-1)
-    y = F.scaled_dot_product_attention(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads), attn_mask=mask)
-    y = blk.proj(_merge_heads(y))
+    y = sdpa(_heads(q, blk.heads), _heads(k, blk.heads), _heads(v, blk.heads), attn_mask=mask)
+    y = blk.drop(blk.proj(_merge_heads(y)))
     return dict(zip(order, torch.split(y, sizes, dim=1)))

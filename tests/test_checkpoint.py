@@ -201,3 +201,38 @@ def test_disk_full_keeps_previous_checkpoint_and_removes_partial(tmp_path, monke
     assert load_checkpoint(first, model2, optimizer2, scheduler2).step == 1
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_sharded_form_round_trips_in_one_process_without_a_process_group(tmp_path):
+    """The form an fsdp run of several processes writes (torch.distributed.checkpoint shards in
+    safetensors files, no model.safetensors) reads back into a plain model and optimizer."""
+    model, optimizer, scheduler = trained_state()
+    torch.manual_seed(7)
+    path = save(tmp_path, 3, model, optimizer, scheduler, form="sharded")
+    expected_draw = torch.rand(3)
+
+    assert not (path / "model.safetensors").exists()
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["form"] == "sharded" and meta["shards"] == [
+        "model/shard-00001-model-00001-of-00001.safetensors",
+        "optimizer/shard-00001-model-00001-of-00001.safetensors",
+    ]
+    assert find_latest(tmp_path) == path and (tmp_path / "latest").read_text().strip() == path.name
+    model2, optimizer2, scheduler2 = fresh_state()
+    loaded = load_checkpoint(path, model2, optimizer2, scheduler2, spec_hash="hash-a")
+    restore_rng_state(loaded.rng)
+    assert loaded.step == 3 and torch.equal(torch.rand(3), expected_draw)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    state_a, state_b = optimizer.state_dict(), optimizer2.state_dict()
+    assert state_a["param_groups"] == state_b["param_groups"]
+    assert state_a["state"].keys() == state_b["state"].keys()
+    for index, per_param in state_a["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(value, state_b["state"][index][key]), (index, key)
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+
+    with pytest.raises(CheckpointMismatch, match=r"classifier.weight: checkpoint \[4, 16\] vs model \[4, 8\]"):
+        load_checkpoint(path, TinyAV(dim=8))
+    (path / "sharded" / meta["shards"][0]).unlink()  # a lost shard: no longer a complete checkpoint
+    assert find_latest(tmp_path) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 SMALL = ["--train-size", "32", "--val-size", "16", "--batch-size", "8", "--eval-every", "0", "--seed", "3"]
 
@@ -80,3 +81,30 @@ def test_missing_manifest_is_a_clear_error(run_cli, tmp_path):
     code, out, err = run_cli("train", "tiny/zorro", "--data", str(tmp_path / "nope.jsonl"), "--steps", "1")
     assert code == 2
     assert "no manifest file" in err and "hint:" in err
+
+
+def test_eval_and_export_read_a_sharded_checkpoint(run_cli, tmp_path):
+    """The form an fsdp run of several processes writes (no model.safetensors) is read by one process
+    without a process group (as `train --init` reads it too); `export --format safetensors` turns it
+    into one weights file."""
+    from safetensors.torch import load_file
+
+    from avdsl.api import analyse_doc
+    from avdsl.compiler import compile_graph
+    from avdsl.loader import load_file as load_spec
+    from avdsl.runtime.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = compile_graph(analyse_doc(load_spec("tiny/zorro", [])).graph)
+    shards = tmp_path / "shards"
+    save_checkpoint(shards, 1, model, None, None, {}, model.spec_text, model.spec_hash, form="sharded")
+    assert not (shards / "step-000001" / "model.safetensors").exists()
+
+    code, out, err = run_cli("eval", str(shards), "--batches", "1", "--batch-size", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["checkpoint"].endswith("step-000001")
+    code, out, err = run_cli("export", str(shards), "--format", "safetensors", "-o", str(tmp_path / "one.safetensors"))
+    assert code == 0, err
+    written, expected = load_file(str(tmp_path / "one.safetensors")), model.state_dict()
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)

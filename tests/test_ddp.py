@@ -1,5 +1,5 @@
 """Training in several CPU processes (gloo), started by torch's launcher: DDP replicas end equal, and
-FSDP (fully_shard) trains like one process, with checkpoints that resume on another process count."""
+FSDP (fully_shard) trains like one process, with sharded checkpoints that resume on another process count."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from avdsl.runtime.train import TrainConfig, launch, train
+from avdsl.runtime.train import TrainConfig, launch, load_checkpoint, train
 from avdsl.runtime.train.distributed import DistInfo, current, is_sharded
 from avdsl.runtime.train.toy import TinyAV, ToyAVDataset
 
@@ -90,9 +90,16 @@ def _eval_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in lines if r["kind"] == "eval"]
 
 
-@pytest.mark.slow  # starts two process groups (about 20-30 s on 2 cores)
-def test_fsdp_two_processes_train_like_one_and_resume_on_one(tmp_path):
-    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+def _weights(checkpoint: Path) -> dict:
+    """The weights of a checkpoint of either form, as one process reads them (no process group)."""
+    model = PerItemAV(dropout=0.0)
+    load_checkpoint(checkpoint, model, spec_hash="tinyhash")
+    return model.state_dict()
+
+
+@pytest.mark.slow  # starts three process groups (about a minute on 2 cores)
+def test_fsdp_two_processes_train_like_one_save_shards_and_resume_on_one_or_two(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
     fsdp_worker(str(one), 4, 16, False)  # one process: fsdp does not apply, the plain model trains
     summary = launch(2, fsdp_worker, str(two), 4, 8, False)  # the same global batch of 16, sharded
     assert summary["steps"] == 4 and summary["sharded"]
@@ -102,21 +109,42 @@ def test_fsdp_two_processes_train_like_one_and_resume_on_one(tmp_path):
     assert curve_one[-1][1] < curve_one[0][1] - 0.05  # it learned something
     for (s1, l1), (s2, l2) in zip(curve_one, curve_two):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4), (s1, l1, l2)
+
+    # each process wrote its own shards of the weights and optimizer state; nothing was gathered
+    final = two / "step-000004"
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["form"] == "sharded" and meta["processes"] == 2
+    assert not (final / "model.safetensors").exists()
+    assert sorted(p.name for p in (final / "sharded" / "model").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert len(list((final / "sharded" / "optimizer").iterdir())) == 2
+    rank1 = load_file(str(final / "sharded" / "model" / "shard-00002-model-00001-of-00001.safetensors"))
+    assert rank1["classifier.weight"].shape == (2, 16)  # half of the [4, 16] weight
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith((".tmp", "step-"))) == [
+        "step-000002", "step-000004"]
     w_one = load_file(str(one / "step-000004" / "model.safetensors"))
-    w_two = load_file(str(two / "step-000004" / "model.safetensors"))  # gathered: full shapes
+    w_two = _weights(final)
     assert set(w_one) == set(w_two)
     for name in w_one:
         torch.testing.assert_close(w_two[name], w_one[name], atol=1e-5, rtol=1e-4)
 
-    # the 2-process checkpoint of step 2 (optimizer state keyed by name) resumes in one process
-    resumed.mkdir()
-    shutil.copytree(two / "step-000002", resumed / "step-000002")
-    state = torch.load(resumed / "step-000002" / "state.pt", weights_only=True)
-    assert all(isinstance(k, str) for k in state["optimizer"]["state"])
-    fsdp_worker(str(resumed), 4, 16, True)
-    w_resumed = load_file(str(resumed / "step-000004" / "model.safetensors"))
-    for name in w_one:
-        torch.testing.assert_close(w_resumed[name], w_one[name], atol=1e-5, rtol=1e-4)
+    # the 2-process checkpoint of step 2 resumes in one process (plain model, no process group) and
+    # in two, continuing the same curve to the same weights
+    for processes in (1, 2):
+        resumed = tmp_path / f"resumed{processes}"
+        resumed.mkdir()
+        shutil.copytree(two / "step-000002", resumed / "step-000002")
+        launch(processes, fsdp_worker, str(resumed), 4, 16 // processes, True)
+        curve = _eval_losses(resumed)
+        assert [s for s, _ in curve] == [3, 4]
+        assert [l for _, l in curve] == pytest.approx([l for _, l in curve_one[3:]], abs=1e-4)
+        w_resumed = _weights(resumed / "step-000004")
+        for name in w_one:
+            torch.testing.assert_close(w_resumed[name], w_one[name], atol=1e-5, rtol=1e-4)
+    # parameters without a gradient (used by the dropped loss only) got no optimizer state, as in one run
+    stored = torch.load(tmp_path / "resumed1" / "step-000004" / "state.pt", weights_only=True)["optimizer"]
+    expected = torch.load(one / "step-000004" / "state.pt", weights_only=True)["optimizer"]
+    assert stored["state"].keys() == expected["state"].keys() and len(expected["state"]) < len(w_one)
 
 
 def test_single_process_defaults(monkeypatch):
@@ -129,3 +157,24 @@ def test_single_process_defaults(monkeypatch):
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         TrainConfig(strategy="zero3")
+
+
+def _train_cli(run_dir: Path, *extra: str) -> list[tuple[int, float]]:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "avdsl", "train", "tiny/zorro", "--nproc", "2", "--strategy", "fsdp",
+               "--steps", "2", "--batch-size", "4", "--train-size", "16", "--val-size", "8", "--eval-every", "0",
+               "--run-dir", str(run_dir), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return _eval_losses(run_dir)
+
+
+@pytest.mark.slow  # two 2-process runs of a spec, one compiling its layers (a few minutes on 2 cores)
+def test_fsdp_with_compiled_layers_trains_like_eager_fsdp(tmp_path):
+    eager = _train_cli(tmp_path / "eager")
+    compiled = _train_cli(tmp_path / "compiled", "--compile")
+    assert [s for s, _ in compiled] == [0, 2]
+    assert compiled[-1][1] < compiled[0][1]
+    assert [l for _, l in compiled] == pytest.approx([l for _, l in eager], abs=1e-4)

@@ -38,6 +38,7 @@ TRAIN_DEFAULTS = {"train_size": 2048, "val_size": 256}
 class ExportFormat(str, Enum):
     torch_export = "torch-export"
     onnx = "onnx"
+    safetensors = "safetensors"
 
 
 def _datasets(model, data: str, train_size: int, val_size: int, seed: int, materialize: bool):
@@ -311,7 +312,7 @@ def _checkpoint_folder(checkpoint: str) -> Path:
     from ..runtime.train import find_latest
 
     path = Path(checkpoint)
-    if path.is_dir() and not (path / "model.safetensors").is_file():
+    if path.is_dir() and not (path / "meta.json").is_file():  # not a checkpoint folder (of either form)
         latest = find_latest(path)
         if latest is None:
             raise SpecError(Loc(checkpoint), "no complete checkpoint here", "pass a run directory or one of its step-* folders")
@@ -372,11 +373,12 @@ def eval_command(
 
 def export_command(
     checkpoint: str = typer.Argument(..., help="A run directory or a step-* checkpoint folder."),
-    format: ExportFormat = typer.Option(ExportFormat.torch_export, "--format", help="torch-export (.pt2) or onnx (needs `pip install avdsl[onnx]`)."),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: model.pt2 / model.onnx in the checkpoint folder)."),
+    format: ExportFormat = typer.Option(ExportFormat.torch_export, "--format", help="torch-export (.pt2), onnx (needs `pip install avdsl[onnx]`), or safetensors (the weights alone in one file, also from a sharded fsdp checkpoint)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: model.pt2 / model.onnx / model.safetensors in the checkpoint folder)."),
     batch: int = typer.Option(2, "--batch", min=1, max=limits.MAX_BATCH, help="Example batch size used for tracing."),
 ) -> None:
-    """Write a deployable model from a checkpoint and check it against eager outputs."""
+    """Write a deployable model from a checkpoint and check it against eager outputs, or (safetensors)
+    its weights in one file."""
     import torch
 
     from ..runtime.train import ExportError, export
@@ -386,7 +388,8 @@ def export_command(
     _fits(analysis, batch)
     model.eval()
     example = random_batch(model.inputs, batch)
-    target = Path(output) if output else path / ("model.pt2" if format == ExportFormat.torch_export else "model.onnx")
+    names = {ExportFormat.torch_export: "model.pt2", ExportFormat.onnx: "model.onnx", ExportFormat.safetensors: "model.safetensors"}
+    target = Path(output) if output else path / names[format]
     try:
         written = export(model, example, target, format.value)
     except ExportError as e:

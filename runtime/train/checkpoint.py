@@ -7,13 +7,23 @@ A checkpoint is a directory ``run_dir/step-000123/`` holding
                           ``torch.save`` and read with ``torch.load(weights_only=True)``, so it holds
                           only plain containers, numbers, strings and tensors,
 * ``spec.yaml``         - the resolved spec text the model was built from,
-* ``meta.json``         - spec hash, step, wall-clock time and the latest metrics.
+* ``meta.json``         - spec hash, step, wall-clock time, the latest metrics and the form.
+
+A run of several processes with ``fsdp`` writes the *sharded* form instead (``"form": "sharded"`` in
+meta.json): ``sharded/`` in place of ``model.safetensors``, holding each process's shards of the
+weights and of the optimizer's tensors, written by all processes at once with
+``torch.distributed.checkpoint`` (see ``sharded``); ``state.pt`` keeps everything else (the optimizer's
+``param_groups`` keyed by parameter name) and meta.json lists the shard files. Nothing is gathered
+into one process. :func:`load_checkpoint` reads either form into a model sharded over any number of
+processes or into a plain one (``avdsl eval``, ``export``, ``train --init``); ``avdsl export --format
+safetensors`` turns a sharded checkpoint into one ``model.safetensors``.
 
 Writing is atomic: everything goes into a temporary directory inside ``run_dir``, each file is
 fsynced, and the directory is renamed to its final name with ``os.replace``; only then is the
 ``latest`` pointer file rewritten (again via a temporary file and ``os.replace``). A crash at any
 moment therefore leaves either the old set of checkpoints or the old set plus one complete new one,
-never a half-written ``step-*`` directory. A single process (rank 0) writes to a run directory.
+never a half-written ``step-*`` directory. A single process (rank 0) creates, renames and prunes; in
+the sharded form every process writes its shards into rank 0's temporary directory first.
 """
 from __future__ import annotations
 
@@ -30,11 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_model
 
-from . import distributed
+from . import distributed, sharded
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "spec.yaml", "meta.json")
+FORMS = ("safetensors", "sharded")  # what holds the weights: model.safetensors, or the folder sharded/
+SHARDED_DIR = "sharded"  # the sharded form's folder, in place of model.safetensors
+SHARDED_FILES = ("state.pt", "spec.yaml", "meta.json")  # the sharded form's files besides it
 LATEST_POINTER = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
@@ -53,7 +66,8 @@ class CheckpointCorrupt(RuntimeError):
 
 
 # what writing a checkpoint raises on a full or failing disk: OSError from Python's own writes,
-# RuntimeError from torch.save ("PytorchStreamWriter failed writing file"), SafetensorError from save_model
+# RuntimeError from torch.save ("PytorchStreamWriter failed writing file") and from the shards
+# (sharded.ShardError), SafetensorError from save_model
 _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
@@ -144,19 +158,15 @@ def _write_text(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def _write_files(
-    folder: Path, model: torch.nn.Module, state: dict, spec_text: str, meta: dict,
-    model_state: dict | None = None,
-) -> None:
-    """Write the four checkpoint files into ``folder`` and fsync each of them."""
-    if model_state is None:
+def _write_files(folder: Path, model: torch.nn.Module | None, state: dict, spec_text: str, meta: dict) -> None:
+    """Write the checkpoint files into ``folder`` and fsync each of them (the weights file only with
+    ``model``: the sharded form's weights are already in ``folder/sharded``)."""
+    if model is not None:
         save_model(model, str(folder / "model.safetensors"))
-    else:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
     torch.save(state, folder / "state.pt")
     _write_text(folder / "spec.yaml", spec_text)
     _write_text(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    for name in CHECKPOINT_FILES:
+    for name in CHECKPOINT_FILES if model is not None else SHARDED_FILES:
         _fsync_file(folder / name)
 
 
@@ -182,8 +192,7 @@ def save_checkpoint(
     counters: dict | None = None,
     baseline: dict | None = None,
     keep: int | None = None,
-    model_state: dict | None = None,
-    optimizer_state: dict | None = None,
+    form: str | None = None,
 ) -> Path:
     """Write checkpoint ``run_dir/step-{step:06d}`` atomically and return its path.
 
@@ -191,18 +200,20 @@ def save_checkpoint(
     captured here. ``keep`` (if given) prunes all but the newest ``keep`` complete checkpoints.
     Raises :class:`CheckpointWriteError` when the disk is full (or any OS error hits the write); the
     partial temporary directory is removed and earlier checkpoints stay as they were.
-    ``model_state`` and ``optimizer_state`` (un-sharded, keyed by parameter name, see
-    ``distributed.full_state``) replace ``model``'s and ``optimizer``'s own when given (a sharded model).
+    ``form`` (one of FORMS) is by default "sharded" for a model sharded over several processes
+    (``fsdp``) and "safetensors" otherwise. The sharded form is written by every process (a
+    collective: all get the path, or the error); the other by rank 0 alone.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
-    final = run_dir / name
-    temp = run_dir / f"{_TEMP_PREFIX}{name}-{os.getpid()}"
+    if form is None:
+        form = "sharded" if distributed.is_sharded(model) and distributed.current().distributed else "safetensors"
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    in_shards = form == "sharded"
     state = {
         "step": int(step),
-        "optimizer": optimizer_state if optimizer_state is not None else (
-            optimizer.state_dict() if optimizer is not None else None),
+        "optimizer": optimizer.state_dict() if optimizer is not None and not in_shards else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": capture_rng_state(),
         "config": dict(config),
@@ -215,37 +226,102 @@ def save_checkpoint(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "unix_time": time.time(),
         "metrics": dict(metrics or {}),
+        "form": "safetensors",
     }
+    if in_shards:
+        return _save_sharded(run_dir, name, model, optimizer, state, spec_text, meta, keep)
+    run_dir.mkdir(parents=True, exist_ok=True)
     previous = find_latest(run_dir)
+    temp = run_dir / f"{_TEMP_PREFIX}{name}-{os.getpid()}"
     try:
-        if temp.exists():
-            shutil.rmtree(temp)
-        temp.mkdir()
-        _write_files(temp, model, state, spec_text, meta, model_state)
-        _fsync_dir(temp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
-            stale = run_dir / f"{_TEMP_PREFIX}old-{name}-{os.getpid()}"
-            os.replace(final, stale)
-            os.replace(temp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(temp, final)
-        _fsync_dir(run_dir)
-        _update_latest_pointer(run_dir, name)
+        _fresh_dir(temp)
+        _write_files(temp, model, state, spec_text, meta)
+        _publish(temp, run_dir, name)
     except _WRITE_ERRORS as error:
         shutil.rmtree(temp, ignore_errors=True)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or _disk_full(run_dir):
-            raise CheckpointWriteError(
-                f"out of disk space while writing checkpoint {name} in {run_dir}; {kept}. "
-                "Free some space (or lower keep_checkpoints) and resume."
-            ) from error
-        raise CheckpointWriteError(
-            f"could not write checkpoint {name} in {run_dir} ({error}); {kept}."
-        ) from error
+        raise _write_error(error, run_dir, name, previous) from error
     if keep is not None:
         prune_checkpoints(run_dir, keep)
-    return final
+    return run_dir / name
+
+
+def _save_sharded(run_dir: Path, name: str, model, optimizer, state: dict, spec_text: str, meta: dict,
+                  keep: int | None) -> Path:
+    """The sharded form (see the module doc), written by every process: rank 0 makes the temporary
+    directory, every process writes its shards into it, rank 0 adds the other files and renames it.
+    Each step's outcome is shared, so that all processes return the path or all raise."""
+    info = distributed.current()
+    temp = run_dir / f"{_TEMP_PREFIX}{name}-{os.getpid()}"  # rank 0's process id names it
+    previous, failure = None, None
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            previous = find_latest(run_dir)
+            _fresh_dir(temp)
+        except _WRITE_ERRORS as error:
+            failure = _write_error(error, run_dir, name, previous)
+    temp, message = distributed.broadcast_object((str(temp), failure and str(failure)), info)
+    temp = Path(temp)
+    if message is None:
+        try:  # a collective: a failure on any process raises on every process
+            groups = sharded.save(temp / SHARDED_DIR, model, optimizer)
+        except _WRITE_ERRORS as error:
+            failure = _write_error(error, run_dir, name, previous) if info.is_main else None
+            message = str(error)
+    if message is None and info.is_main:
+        state["optimizer"] = None if groups is None else {"param_groups": groups}
+        meta.update(form="sharded", shards=sharded.files(temp / SHARDED_DIR), processes=info.world_size)
+        try:
+            _write_files(temp, None, state, spec_text, meta)
+            _publish(temp, run_dir, name)
+        except _WRITE_ERRORS as error:
+            failure = _write_error(error, run_dir, name, previous)
+    if info.is_main and failure is not None:
+        shutil.rmtree(temp, ignore_errors=True)
+    message = distributed.broadcast_object(failure and str(failure), info)  # rank 0's outcome
+    if message is not None:
+        if failure is not None:
+            raise failure from failure.__cause__
+        raise CheckpointWriteError(message)
+    if info.is_main and keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return run_dir / name
+
+
+def _fresh_dir(path: Path) -> None:
+    """An empty directory at ``path`` (a leftover of an earlier attempt is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+
+
+def _publish(temp: Path, run_dir: Path, name: str) -> None:
+    """Rename the written directory ``temp`` to ``run_dir/name`` and point ``latest`` at it."""
+    _fsync_dir(temp)
+    final = run_dir / name
+    if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
+        stale = run_dir / f"{_TEMP_PREFIX}old-{name}-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(temp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(temp, final)
+    _fsync_dir(run_dir)
+    _update_latest_pointer(run_dir, name)
+
+
+def _write_error(error: BaseException, run_dir: Path, name: str, previous: Path | None) -> CheckpointWriteError:
+    """The error to raise for a failed write of checkpoint ``name`` (out of disk space or another)."""
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or _disk_full(run_dir):
+        failure = CheckpointWriteError(
+            f"out of disk space while writing checkpoint {name} in {run_dir}; {kept}. "
+            "Free some space (or lower keep_checkpoints) and resume."
+        )
+    else:
+        failure = CheckpointWriteError(f"could not write checkpoint {name} in {run_dir} ({error}); {kept}.")
+    failure.__cause__ = error
+    return failure
 
 
 def _disk_full(folder: Path) -> bool:
@@ -280,15 +356,25 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds all checkpoint files and a readable meta.json."""
+    """True when ``path`` holds a readable meta.json and all files of its form (the sharded form:
+    every shard file meta.json lists)."""
     path = Path(path)
-    if not all((path / name).is_file() for name in CHECKPOINT_FILES):
-        return False
     try:
-        read_meta(path)
+        meta = read_meta(path)
     except (OSError, ValueError):
         return False
-    return True
+    names = CHECKPOINT_FILES
+    if is_sharded_form(meta):
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or not shards or not all(sharded.valid_file_name(n) for n in shards):
+            return False
+        names = SHARDED_FILES + tuple(f"{SHARDED_DIR}/{n}" for n in shards)
+    return all((path / name).is_file() for name in names)
+
+
+def is_sharded_form(meta: dict) -> bool:
+    """True for the meta.json of a checkpoint in the sharded form (older ones have no "form")."""
+    return meta.get("form") == "sharded"
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -328,11 +414,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _check_shapes(path: Path, model: torch.nn.Module) -> None:
-    """Refuse a weights file whose tensor names or shapes do not fit ``model``."""
-    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+def _check_shapes(path: Path, stored: dict, expected: dict) -> None:
+    """Refuse stored weights (name -> shape) whose shapes do not fit the model's (name -> shape)."""
     wrong = [
         f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}"
         for key, shape in sorted(stored.items())
@@ -342,6 +425,20 @@ def _check_shapes(path: Path, model: torch.nn.Module) -> None:
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit the model; parameter shapes differ:\n  "
             + "\n  ".join(wrong)
+        )
+
+
+def _safetensors_shapes(path: Path) -> dict:
+    """Name -> shape of the tensors in a checkpoint's model.safetensors (read from its header)."""
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def _refuse_missing(path: Path, missing, unexpected) -> None:
+    if missing or unexpected:
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not fit the model; "
+            f"missing from checkpoint: {sorted(missing)}; not in model: {sorted(unexpected)}"
         )
 
 
@@ -379,29 +476,11 @@ def _load(path: Path, model, optimizer, scheduler, spec_hash) -> LoadedCheckpoin
             f"({path / 'spec.yaml'}) to continue it, or start a fresh run directory "
             "(without resume) to train the changed spec."
         )
-    _check_shapes(path, model)
-    if distributed.is_sharded(model):
-        weights = load_file(str(path / "model.safetensors"))
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        if not (missing or unexpected):
-            distributed.load_full_weights(model, weights)
+    if is_sharded_form(meta):
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        _load_sharded(path, model, optimizer, state)
     else:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise CheckpointMismatch(
-            f"checkpoint {path} does not fit the model; "
-            f"missing from checkpoint: {sorted(missing)}; not in model: {sorted(unexpected)}"
-        )
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    stored = state.get("optimizer")
-    if optimizer is not None and stored is not None:
-        if any(isinstance(key, str) for key in stored.get("state", {})) or any(
-            isinstance(p, str) for g in stored.get("param_groups", []) for p in g.get("params", [])
-        ):  # keyed by parameter name: written by a run of any number of processes
-            distributed.load_full_optimizer_state(model, optimizer, stored)
-        else:
-            optimizer.load_state_dict(stored)
+        state = _load_safetensors_form(path, model, optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return LoadedCheckpoint(
@@ -413,3 +492,42 @@ def _load(path: Path, model, optimizer, scheduler, spec_hash) -> LoadedCheckpoin
         baseline=state.get("baseline", {}),
         meta=meta,
     )
+
+
+def _load_safetensors_form(path: Path, model, optimizer) -> dict:
+    """Load model.safetensors and the optimizer state in state.pt; return state.pt's contents."""
+    _check_shapes(path, _safetensors_shapes(path), {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if distributed.is_sharded(model):
+        weights = load_file(str(path / "model.safetensors"))
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if not (missing or unexpected):
+            distributed.load_full_weights(model, weights)
+    else:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    _refuse_missing(path, missing, unexpected)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    stored = state.get("optimizer")
+    if optimizer is not None and stored is not None:
+        if any(isinstance(key, str) for key in stored.get("state", {})) or any(
+            isinstance(p, str) for g in stored.get("param_groups", []) for p in g.get("params", [])
+        ):  # keyed by parameter name: written by a run of any number of processes
+            distributed.load_full_optimizer_state(model, optimizer, stored)
+        else:
+            optimizer.load_state_dict(stored)
+    return state
+
+
+def _load_sharded(path: Path, model, optimizer, state: dict) -> None:
+    """Load the sharded form's weights (and optimizer state, with the ``param_groups`` in ``state``,
+    state.pt's contents) into ``model``, sharded or not. Every process of a sharded model calls it
+    (a collective); a plain model reads in each process alone."""
+    folder = path / SHARDED_DIR
+    stored, expected = sharded.weight_shapes(folder), sharded.model_shapes(model)
+    _check_shapes(path, stored, expected)
+    _refuse_missing(path, set(expected) - set(stored), set(stored) - set(expected))
+    sharded.load_weights(folder, model)
+    if optimizer is not None:
+        groups = (state.get("optimizer") or {}).get("param_groups")
+        if groups is not None:
+            sharded.load_optimizer(folder, model, optimizer, groups)

@@ -16,10 +16,14 @@ asks :func:`current` who it is and :func:`wrap` prepares the model for the chose
   ``fully_shard`` (FSDP2): each transformer layer and then the whole model is one unit that is gathered
   for its forward and backward and sharded again afterwards.
 
-Checkpoints stay one un-sharded set of files whatever the strategy: :func:`full_state` gathers the
-weights and optimizer state with ``torch.distributed.checkpoint.state_dict`` (keyed by parameter
-name), and loading scatters them onto however many processes the resumed run has, so a run saved
-with N processes resumes with M.
+Checkpoints (see ``checkpoint``): one process, and ``ddp``, write one ``model.safetensors`` from rank 0.
+``fsdp`` with several processes writes the sharded form: every process saves the shards it holds
+of the weights and of the optimizer state with ``torch.distributed.checkpoint`` into the checkpoint's
+``sharded/`` folder, so nothing is gathered onto one process (see ``sharded``). Either form loads
+into however many processes the resumed run has (DCP reshards; a ``model.safetensors`` is scattered
+with :func:`load_full_weights`), so a run saved with N processes resumes with M, or in one process
+without a process group; ``avdsl eval``, ``export`` and ``train --init`` read both forms, and
+``avdsl export --format safetensors`` turns a sharded checkpoint into one ``model.safetensors``.
 """
 from __future__ import annotations
 
@@ -160,14 +164,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(weights, optimizer state) un-sharded and on the CPU, keyed by parameter name, on rank 0 (other
-    ranks get empty dicts). A collective: every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def load_full_weights(model: torch.nn.Module, weights: dict) -> None:
     """Scatter un-sharded weights onto this process's part of ``model`` (every process passes all)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -176,7 +172,7 @@ def load_full_weights(model: torch.nn.Module, weights: dict) -> None:
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load an optimizer state keyed by parameter name (from :func:`full_state`) into ``optimizer``,
+    """Load an un-sharded optimizer state keyed by parameter name into ``optimizer``,
     sharding it as the parameters are sharded. Not strict: a parameter that never had a gradient
     (unused by the losses) has no state to load; the weights themselves are checked strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -199,6 +195,16 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     reduced = values.to(device)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.cpu()
+
+
+def broadcast_object(value: Any, info: DistInfo) -> Any:
+    """Rank 0's ``value`` on every process (``value`` itself for a single process); a collective.
+    For small values the processes agree on (a path, an error message): it travels pickled."""
+    if not info.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -8,6 +8,8 @@ The model is wrapped so that its forward takes the inputs positionally (in the o
   ``.pt2`` file whose extra file ``avdsl.json`` lists input and output names; the batch dim is
   exported as dynamic when the model allows it.
 * "onnx": ``torch.onnx.export`` with named inputs and outputs; needs the ``onnx`` extra.
+* "safetensors": the weights alone in one safetensors file, keyed by parameter name (what a
+  checkpoint's model.safetensors holds; this way a sharded checkpoint of an ``fsdp`` run becomes one).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMATS = ("torch-export", "onnx")
+FORMATS = ("torch-export", "onnx", "safetensors")
 NAMES_FILE = "avdsl.json"
 
 
@@ -61,6 +63,11 @@ def export(
         raise ExportError(f"unknown export format {format!r}; choose one of {FORMATS}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "safetensors":  # no program: nothing to trace
+        from safetensors.torch import save_model
+
+        save_model(model, str(path))
+        return path
     was_training = model.training
     model.eval()
     try:

@@ -286,13 +286,11 @@ def train(
                 f"{', ...' if len(broken) > 3 else ''}); no checkpoint was written, "
                 + (f"the last good checkpoint is {good}." if good else "and none was written before."),
                 step=at_step, terms=broken[:3])
-        # a sharded model is gathered by every process (keyed by name: resumable with any count)
-        weights, optimizer_state = distributed.full_state(model, optimizer) if sharded else (None, None)
-        if main:
+        if main or sharded:  # a sharded model: every process writes its own shards
             path = save_checkpoint(
                 run_dir, at_step, model, optimizer, scheduler, config.to_dict(), spec_text,
                 spec_hash, metrics=metrics, counters=counters, baseline=baseline,
-                keep=config.keep_checkpoints, model_state=weights, optimizer_state=optimizer_state,
+                keep=config.keep_checkpoints,
             )
         distributed.barrier(info)
         return path
