@@ -24,7 +24,11 @@ class _PatchNorms(nn.Module):
     def _project(self, x: torch.Tensor, patches) -> torch.Tensor:
         """``x`` [B, C, *spatial] -> tokens [B, N, D]; ``patches(x)`` cuts it into [B, N, C * window]."""
         if self.norm_before is None:
-            tokens = self.proj(x).flatten(2).transpose(1, 2)
+            # contiguous tokens: eager's LayerNorm and Linear copy a transposed input anyway, and
+            # inductor's CPU code for a transposed fp32 input added to bf16 (the autocast residual)
+            # then normalised computes garbage (NaN in compiled bf16 MBT, whose streams enter their
+            # layers straight from the tokenizer; docs/performance.md)
+            tokens = self.proj(x).flatten(2).transpose(1, 2).contiguous()
         else:
             weight = self.proj.weight.flatten(1)
             tokens = F.linear(self.norm_before(patches(x)), weight, self.proj.bias)

@@ -167,3 +167,20 @@ def test_vector_isa_checks_pass_once_per_machine(tmp_path):
     assert other_compiler(Isa("-mavx2"), "code") and len(calls) == 3
     assert not remembered(Isa("-mavx2"), "fails") and not remembered(Isa("-mavx2"), "fails")
     assert len(calls) == 5  # a failed check is not remembered
+
+
+@pytest.mark.slow
+def test_regional_compile_of_mbt_under_bf16_autocast_matches_eager():
+    """MBT's video stream enters its first layer straight from the tubelet projection; as a
+    transposed view, inductor's CPU code for its bf16-autocast residual + LayerNorm read garbage and
+    the compiled step's loss was NaN. Tokenizers give contiguous tokens, and the loss is eager's."""
+    from avdsl.runtime import regional
+
+    torch.compiler.reset()
+    model, data = _model_and_batch("tiny/mbt")
+    eager_loss, _ = _loss_and_grads(model, data, model, "bf16")
+    regional.compile_layers(model, fullgraph=True, dynamic=False)
+    loss, grads = _loss_and_grads(model, data, model, "bf16")
+    assert torch.isfinite(loss), loss
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-2, atol=1e-2)
+    assert all(torch.isfinite(g).all() for g in grads.values())
