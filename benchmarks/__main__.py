@@ -43,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "attention-dtype":
         from . import attention_dtype
 
-        result = attention_dtype.run(args.batch or 4, min(args.reps, 3))
-        text = attention_dtype.render(result)
+        if args.specs:
+            precision = args.precision if args.precision != "fp32" else "bf16w"
+            result = attention_dtype.run_steps(args.specs[0], precision, args.batch or 4, args.reps)
+            text = attention_dtype.render_steps(result)
+        else:
+            result = attention_dtype.run(args.batch or 4, min(args.reps, 3))
+            text = attention_dtype.render(result)
     elif args.what == "step":
         from . import step
 

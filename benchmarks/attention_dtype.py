@@ -1,19 +1,30 @@
 """bf16 attention on this CPU: PyTorch's bf16 kernel against attending in fp32 (`runtime/attention.py`).
 
     python -m benchmarks attention-dtype [--batch B] [--reps N]
+    python -m benchmarks attention-dtype SPEC [--precision bf16w|bf16] [--batch B] [--reps N]
 
 For each shape (keys = queries, heads, head width), forward and backward of one attention over bf16
 Q, K, V: ``scaled_dot_product_attention`` in bf16, and the same call on Q, K, V cast to fp32 with
 the result cast back. The shapes are the paper specs' attention calls and a grid of token counts at
 head widths 32 and 64; the last column says which the runtime runs (``attention.in_fp32``), so the
 table shows whether `CPU_FP32_KEYS` sits at this machine's crossover.
+
+With a SPEC, whole training steps instead: one model, its steps alternated between the runtime's
+choice and bf16 attention everywhere (the limit set to 0 for those steps), ``reps`` rounds after one
+untimed round, so that the machine's slow and fast phases hit both alike.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 
+from avdsl.api import analyse
+from avdsl.compiler import compile_graph
+from avdsl.runtime import attention
 from avdsl.runtime.attention import CPU_FP32_KEYS, in_fp32
+from avdsl.runtime.trial import random_batch
 
 from .timing import best_of_each, cpu_features
 
@@ -59,4 +70,43 @@ def render(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['what']:<30}{r['tokens']:>7}{r['heads']:>6}{r['width']:>6}{r['bf16_ms']:>10.1f}"
                      f"{r['fp32_ms']:>10.1f}{r['bf16_ms'] / r['fp32_ms']:>10.2f}x{r['runtime']:>9}")
+    return "\n".join(lines)
+
+
+def run_steps(spec: str, precision: str = "bf16w", batch: int = 4, reps: int = 4) -> dict:
+    """Training steps of ``spec`` (eager), alternating fp32 attention where the runtime chooses it and
+    bf16 attention everywhere; seconds per step of each round."""
+    from .step import make_step
+
+    torch.manual_seed(0)
+    model = compile_graph(analyse(spec).graph).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step = make_step(model, optimizer, random_batch(model.inputs, batch), precision)
+    limits = {"runtime's choice": CPU_FP32_KEYS, "bf16 everywhere": 0}
+    times: dict = {name: [] for name in limits}
+    try:
+        for round_ in range(reps + 1):
+            for name, limit in limits.items():
+                attention.CPU_FP32_KEYS = limit
+                start = time.perf_counter()
+                step()
+                if round_:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        attention.CPU_FP32_KEYS = CPU_FP32_KEYS
+    return {"spec": spec, "precision": precision, "batch": batch, "cpu": cpu_features(),
+            "threads": torch.get_num_threads(), "times": times}
+
+
+def render_steps(result: dict) -> str:
+    r = result
+    lines = [f"{r['spec']} batch {r['batch']} {r['precision']}, eager training steps alternated "
+             f"({r['cpu']}, {r['threads']} threads)"]
+    for name, times in r["times"].items():
+        ordered = sorted(times)
+        lines.append(f"{name:<18} best {ordered[0]:.2f} s  median {ordered[len(ordered) // 2]:.2f} s  "
+                     f"all {[round(t, 2) for t in times]}")
+    ours, bf16 = (sorted(t) for t in r["times"].values())
+    lines.append(f"bf16 everywhere / runtime's choice: best {bf16[0] / ours[0]:.2f}x, "
+                 f"median {bf16[len(bf16) // 2] / ours[len(ours) // 2]:.2f}x")
     return "\n".join(lines)

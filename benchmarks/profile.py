@@ -28,11 +28,12 @@ from avdsl.runtime.trial import random_batch
 from .step import make_step
 from .timing import cpu_features
 
-# (kind, operator-name fragments); the first kind whose fragment occurs in an operator's name takes it
+# (kind, operator-name fragments); the first kind with a matching fragment takes an operator (`kind_of`)
 KINDS = (
     ("linear layers (mm, addmm)", ("aten::mm", "aten::addmm", "aten::_addmm_activation", "aten::linear")),
     ("attention (SDPA; bmm, softmax)", ("scaled_dot_product", "_flash_attention", "_efficient_attention",
-                                        "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data")),
+                                        "aten::bmm", "aten::baddbmm", "aten::_softmax",
+                                        "aten::_softmax_backward_data")),
     ("convolutions", ("convolution",)),
     ("optimizer (AdamW)", ("adam",)),
     ("copies and casts", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
