@@ -61,7 +61,10 @@ def test_tiny_spec_compiles_with_inductor_without_graph_breaks(name, precision, 
     tol = {"fp32": dict(rtol=1e-4, atol=1e-5), "bf16": dict(rtol=5e-2, atol=5e-2)}[precision]
     torch.testing.assert_close(loss, eager_loss, **tol)
     if precision == "fp32":
-        wrong = [n for n, g in eager_grads.items() if not torch.allclose(grads[n], g, rtol=1e-3, atol=1e-4)]
+        # summation order differs between inductor's kernels and eager's, and that rounding scales
+        # with a gradient's magnitude (tiny/vatt: |g| up to 37, differences 3e-5 of it)
+        wrong = [n for n, g in eager_grads.items()
+                 if not torch.allclose(grads[n], g, rtol=1e-3, atol=1e-4 * max(1.0, g.abs().max().item()))]
         assert not wrong, wrong
 
 
