@@ -438,7 +438,8 @@ class StreamTransformer(nn.Module):
             xs = {c: x[s] for c, s in streams.items()}
             if not torch.compiler.is_compiling():  # a whole-model compile traces this method: no marks then
                 for t in xs.values():  # one graph for every token count: see `_canonical`
-                    torch._dynamo.maybe_mark_dynamic(t, 1)  # private API: torch's documented dynamic-shape mark
+                    # no torch.compiler equivalent in 2.11; torch's dynamic-shapes docs use this one
+                    torch._dynamo.maybe_mark_dynamic(t, 1)  # private API: see the line above
             for c, y in blk(blk.norms(nk), call, xs).items():
                 updates.setdefault(streams[c], []).append(y)
         new = dict(x)
