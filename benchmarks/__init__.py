@@ -9,6 +9,7 @@
     python -m benchmarks ensemble [SPEC...]   # N lone training steps vs one vectorized ensemble step (--members N)
     python -m benchmarks profile SPEC --precision bf16   # top operators of one step, matrix work vs the rest
     python -m benchmarks reference-cavmae --reference CHECKOUT --timm DIR   # vs the official CAV-MAE code
+    python -m benchmarks allocator [SPEC]     # glibc malloc defaults vs thresholds kept (page faults, system time)
 
 Every command takes ``--json``. `avdsl bench` runs the step benchmark from the command line.
 """

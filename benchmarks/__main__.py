@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("what", choices=["peak", "attention", "attention-dtype", "step", "step-once", "compile",
                                          "compile-once", "ensemble", "reference-cavmae", "reference-cavmae-once",
-                                         "profile", "precision"])
+                                         "profile", "precision", "allocator", "allocator-once"])
     parser.add_argument("specs", nargs="*", help="spec names or files (step, compile)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per benchmark)")
@@ -30,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=4, help="ensemble: runs trained together")
     parser.add_argument("--steps", type=int, default=300, help="precision: training steps per run")
     parser.add_argument("--out", help="precision: folder for the runs and the picture (default: a temporary one)")
+    parser.add_argument("--allocator", choices=["kept", "default"], default="kept",
+                        help="glibc malloc in this process: thresholds fixed as `avdsl train` sets them (kept, "
+                             "`avdsl.runtime.memory`) or glibc's defaults (allocator-once)")
     args = parser.parse_args(argv)
+    if args.allocator == "kept":  # as `avdsl train` runs, for avdsl and the reference code alike
+        from avdsl.runtime.memory import keep_freed_memory
+
+        keep_freed_memory()
     if args.what == "peak":
         from .timing import machine_peaks
 
@@ -60,6 +67,17 @@ def main(argv: list[str] | None = None) -> int:
 
         spec, mode, precision = args.specs
         print(json.dumps(step.time_mode(spec, args.batch or 2, mode, precision, args.reps, args.scope, args.attention)))
+        return 0
+    elif args.what == "allocator":
+        from . import allocator
+
+        result = allocator.run(args.specs[0] if args.specs else "cav-mae", args.batch or 4, args.precision, args.mode,
+                               min(args.reps, 3))
+        text = allocator.render(result)
+    elif args.what == "allocator-once":  # one setting (run by `allocator` in a fresh subprocess)
+        from . import allocator
+
+        print(json.dumps(allocator.once(args.specs[0], args.batch or 4, args.precision, args.mode, args.reps)))
         return 0
     elif args.what == "precision":
         from . import precision

@@ -39,6 +39,7 @@ from torch import nn
 from avdsl.limits import STOP_GRACE_S
 
 from .. import compile_cache, devices, regional
+from ..memory import keep_freed_memory
 from . import distributed
 from .checkpoint import find_latest, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
@@ -208,6 +209,7 @@ def train(
     device = resolve_device(config.device, info)
 
     seed_everything(config.seed)
+    keep_freed_memory()  # the step's activations reuse freed memory instead of fresh zeroed pages (memory.py)
     model.to(device)
     model.train()
     runner = distributed.wrap(model, config.strategy, info, device)  # before the optimizer: fsdp shards
