@@ -436,10 +436,15 @@ class StreamTransformer(nn.Module):
             blk = self.blocks[ws][li]
             call, streams = _canonical(attends)
             xs = {c: x[s] for c, s in streams.items()}
-            if not torch.compiler.is_compiling():  # a whole-model compile traces this method: no marks then
-                for t in xs.values():  # one graph for every token count: see `_canonical`
-                    # no torch.compiler equivalent in 2.11; torch's dynamic-shapes docs use this one
-                    torch._dynamo.maybe_mark_dynamic(t, 1)  # private API: see the line above
+            # a layer over one stream: one graph for every token count (128 audio, 49 video tokens: see
+            # `_canonical`). A layer over several streams keeps static token counts: with symbolic ones
+            # inductor cannot prove the concatenated tokens contiguous and copies them around every
+            # element-wise kernel (CAV-MAE's decoder: 2x the memory traffic of its GELU and norms), and
+            # such a layer repeats with the same counts anyway. A whole-model compile traces this
+            # method: no marks then.
+            if len(xs) == 1 and not torch.compiler.is_compiling():
+                # no torch.compiler equivalent in 2.11; torch's dynamic-shapes docs use this one
+                torch._dynamo.maybe_mark_dynamic(next(iter(xs.values())), 1)  # private API: see the line above
             for c, y in blk(blk.norms(nk), call, xs).items():
                 updates.setdefault(streams[c], []).append(y)
         new = dict(x)
