@@ -3,11 +3,12 @@
 Three runs per spec, each a new process that builds the model from the spec, compiles it (fullgraph;
 ``--scope regional``, the default: each distinct encoder layer once, reused by the layers like it, see
 `avdsl.runtime.regional`; ``--scope whole``: the whole model) and runs one forward + backward:
-  cold          empty avdsl cache, empty inductor cache: everything is compiled;
+  cold          empty avdsl cache, empty inductor cache (and no precompiled headers): everything is compiled;
   warm          the avdsl cache and the inductor cache of the cold run: what a second run of
                 `avdsl train --compile` on the same machine sees (the CLI keeps inductor's cache dir
                 under avdsl's, `$AVDSL_CACHE_DIR/inductor`);
-  fresh-machine the avdsl cache of the cold run, a *new empty* inductor cache: only the blob of
+  fresh-machine the avdsl cache of the cold run, a *new empty* inductor cache (and no precompiled
+                headers): only the blob of
                 `avdsl.runtime.compile_cache` helps (a fresh container given the avdsl cache dir).
 "graphs" is how many graphs Dynamo traced (regional: one per distinct kind of layer call).
 """
@@ -58,7 +59,11 @@ def once(spec: str, batch: int, precision: str, scope: str = "regional") -> dict
 
 
 def _subprocess(spec: str, batch: int, precision: str, scope: str, avdsl_dir: str, inductor_dir: str) -> dict:
-    env = dict(os.environ, AVDSL_CACHE_DIR=avdsl_dir, TORCHINDUCTOR_CACHE_DIR=inductor_dir)
+    # inductor keeps its precompiled C++ headers under $TMPDIR whatever its cache dir: a temp dir beside
+    # the inductor cache makes a cold run build them as a new machine does
+    tmp = Path(f"{inductor_dir}-tmp")
+    tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, AVDSL_CACHE_DIR=avdsl_dir, TORCHINDUCTOR_CACHE_DIR=inductor_dir, TMPDIR=str(tmp))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benchmarks", "compile-once", spec, "--batch", str(batch),
                            "--precision", precision, "--scope", scope], env=env, capture_output=True, text=True,
