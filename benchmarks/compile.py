@@ -30,9 +30,11 @@ from avdsl.runtime import compile_cache, regional
 from avdsl.runtime.trial import random_batch, timed_step
 
 
-def compile_model(model, scope: str):
-    """The model compiled with fullgraph (a graph break is an error): per encoder layer, or whole."""
-    if scope == "regional" and regional.compile_layers(model, fullgraph=True, dynamic=False):
+def compile_model(model, scope: str, inductor_options: dict | None = None):
+    """The model compiled with fullgraph (a graph break is an error): per encoder layer, or whole;
+    ``inductor_options`` go to the regional compile (over `regional.CPU_OPTIONS`)."""
+    extra = {"options": inductor_options} if inductor_options else {}
+    if scope == "regional" and regional.compile_layers(model, fullgraph=True, dynamic=False, **extra):
         return model
     return torch.compile(model, fullgraph=True, dynamic=False)
 

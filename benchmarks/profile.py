@@ -13,6 +13,10 @@ the profiler does not see as aten operators) plus interpreter overhead. With ``-
 split is taken for the official CAV-MAE model (imported from the user's checkout, as in
 `reference_cavmae`; eager, and with autocast for bf16 and bf16w) on the same inputs, and the two are
 printed side by side.
+
+Compiled layers are profiled with inductor's Python wrapper (`PYTHON_WRAPPER`): under the C++ wrapper
+that training uses on a CPU (`avdsl.runtime.regional.CPU_OPTIONS`) the operators a compiled layer calls
+(its matmuls, its attention) do not reach the profiler, and the split would show only "compiled kernels".
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ KINDS = (
 )
 MATRIX_KINDS = KINDS[0][0], KINDS[1][0], KINDS[2][0]
 OUTSIDE = "compiled kernels and Python"
+# compiled layers as inductor's Python wrapper runs them: their aten operators stay visible (see above)
+PYTHON_WRAPPER = {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}
 
 
 def kind_of(op: str) -> str:
@@ -60,7 +66,8 @@ def profile_step(model: torch.nn.Module, batch_inputs: dict, precision: str, mod
     model = model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the training loop
     torch.compiler.reset()
-    step = make_step(model, optimizer, batch_inputs, precision, scope="regional" if mode == "compiled" else None)
+    step = make_step(model, optimizer, batch_inputs, precision, scope="regional" if mode == "compiled" else None,
+                     inductor_options=PYTHON_WRAPPER)
     step()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

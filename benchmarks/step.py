@@ -54,14 +54,15 @@ def configurations(attention: str) -> list[tuple[str, str, str]]:
             for kind in (("planned", "dense") if mode == "eager" else ("planned",))]
 
 
-def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu", scope: str | None = None):
+def make_step(model, optimizer, batch: dict, precision: str, device_type: str = "cpu", scope: str | None = None,
+              inductor_options: dict | None = None):
     """One optimisation step as a closure; returns the loss. ``precision``: fp32, bf16 (autocast) or
     bf16w (bf16 weights, see `master_weights_step`). ``scope`` (regional or whole) compiles the model
     the step runs on: ``model`` itself, or for bf16w its bf16 copy (a copy made after compiling would
     run eager: the compiled code belongs to the original)."""
     if precision == "bf16w":
-        return master_weights_step(model, optimizer, batch, scope)
-    runner = compile_model(model, scope) if scope else model
+        return master_weights_step(model, optimizer, batch, scope, inductor_options)
+    runner = compile_model(model, scope, inductor_options) if scope else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -73,12 +74,12 @@ def make_step(model, optimizer, batch: dict, precision: str, device_type: str = 
     return step
 
 
-def master_weights_step(model, optimizer, batch: dict, scope: str | None = None):
+def master_weights_step(model, optimizer, batch: dict, scope: str | None = None, inductor_options: dict | None = None):
     """A bf16w step (`avdsl.runtime.train.master`): forward and backward on a bf16 copy of ``model``
     (compiled when ``scope`` is given), an AdamW like ``optimizer`` on its fp32 weights as the master copy."""
     half = Bf16Copy(model)
     if scope:
-        half.module = compile_model(half.module, scope)
+        half.module = compile_model(half.module, scope, inductor_options)
     group = optimizer.param_groups[0]
     masters = torch.optim.AdamW(model.parameters(), lr=group["lr"], weight_decay=group["weight_decay"], fused=True)
 
