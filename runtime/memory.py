@@ -4,9 +4,9 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves blocks 
 threshold (dynamic, at most 32 MiB) with fresh ``mmap`` pages and returns them on ``free``, and trims
 the top of its heap once more than the trim threshold is free there. A training step allocates and
 frees the same large activations every step, so the kernel zero-fills the same pages again and
-again: on the paper-size CAV-MAE step (batch 4, fp32) that is about 60,000 page faults and 0.4 s of
-system time per step, against about 1,000 faults and 0.03 s with the thresholds fixed at their
-largest (`python -m benchmarks allocator cav-mae`). Fixing them (``mallopt``) keeps a freed block for
+again: on the paper-size CAV-MAE step (batch 4, eager fp32) that was about 117,000 page faults and
+1 s of system time per step, against about 4,600 faults and 0.05 s with the thresholds fixed at their
+largest, and the step took 8.4 instead of 6.6 s (`python -m benchmarks allocator cav-mae`). Fixing them (``mallopt``) keeps a freed block for
 the next allocation of its size; the process keeps the memory of its peak, which a training step
 reaches again anyway (the peak itself does not grow).
 
