@@ -443,8 +443,12 @@ class StreamTransformer(nn.Module):
             # such a layer repeats with the same counts anyway. A whole-model compile traces this
             # method: no marks then.
             if len(xs) == 1 and not torch.compiler.is_compiling():
+                # the mark stays on the tensor it is put on: mark an alias, so that a later multi-stream
+                # call on the same tokens (CAV-MAE's audio+video pass after audio alone) stays static
+                (c, t), = xs.items()
+                xs = {c: t.view_as(t)}
                 # no torch.compiler equivalent in 2.11; torch's dynamic-shapes docs use this one
-                torch._dynamo.maybe_mark_dynamic(next(iter(xs.values())), 1)  # private API: see the line above
+                torch._dynamo.maybe_mark_dynamic(xs[c], 1)  # private API: see the line above
             for c, y in blk(blk.norms(nk), call, xs).items():
                 updates.setdefault(streams[c], []).append(y)
         new = dict(x)
