@@ -10,13 +10,9 @@ and system time are what the setting changes directly; wall time follows, within
 """
 from __future__ import annotations
 
-import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,7 +21,7 @@ from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
 from .step import make_step
-from .timing import cpu_features
+from .timing import ChildFailed, cpu_features, peak_memory_bytes, run_child
 
 SETTINGS = ("default", "kept")
 
@@ -48,19 +44,18 @@ def once(spec: str, batch: int, precision: str, mode: str, reps: int) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": min(walls), "user_s": (after.ru_utime - before.ru_utime) / reps,
             "sys_s": (after.ru_stime - before.ru_stime) / reps, "faults": (after.ru_minflt - before.ru_minflt) / reps,
-            "peak_gb": after.ru_maxrss * 1024 / 1e9}
+            "peak_gb": peak_memory_bytes() / 1e9}
 
 
 def run(spec: str, batch: int, precision: str, mode: str, reps: int, rounds: int = 2) -> dict:
     runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
     for _ in range(rounds):
         for setting in SETTINGS:
-            command = [sys.executable, "-m", "benchmarks", "allocator-once", spec, "--batch", str(batch),
-                       "--precision", precision, "--mode", mode, "--reps", str(reps), "--allocator", setting]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-            if done.returncode:
-                raise RuntimeError(f"allocator-once {setting} failed:\n{done.stderr[-2000:]}")
-            runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            try:
+                runs[setting].append(run_child(["allocator-once", spec, "--batch", str(batch), "--precision", precision,
+                                                "--mode", mode, "--reps", str(reps), "--allocator", setting]))
+            except ChildFailed as failed:
+                raise RuntimeError(f"allocator-once {setting} failed:\n{failed.stderr[-2000:]}") from None
     rows = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in SETTINGS}
     return {"spec": spec, "batch": batch, "precision": precision, "mode": mode, "reps": reps, "rounds": rounds,
             "cpu": cpu_features(), "threads": torch.get_num_threads(), "rows": rows, "runs": runs}

@@ -14,10 +14,7 @@ Three runs per spec, each a new process that builds the model from the spec, com
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +25,8 @@ from avdsl.api import analyse
 from avdsl.compiler import compile_graph
 from avdsl.runtime import compile_cache, regional
 from avdsl.runtime.trial import random_batch, timed_step
+
+from .timing import ChildFailed, run_child
 
 
 def compile_model(model, scope: str, inductor_options: dict | None = None):
@@ -67,12 +66,10 @@ def _subprocess(spec: str, batch: int, precision: str, scope: str, avdsl_dir: st
     tmp.mkdir(exist_ok=True)
     env = dict(os.environ, AVDSL_CACHE_DIR=avdsl_dir, TORCHINDUCTOR_CACHE_DIR=inductor_dir, TMPDIR=str(tmp))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "compile-once", spec, "--batch", str(batch),
-                           "--precision", precision, "--scope", scope], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode:
-        raise RuntimeError(f"compile of {spec} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        result = run_child(["compile-once", spec, "--batch", str(batch), "--precision", precision, "--scope", scope], env)
+    except ChildFailed as failed:
+        raise RuntimeError(f"compile of {spec} failed:\n{failed.stderr[-3000:]}") from None
     result["process_s"] = time.perf_counter() - start  # includes starting Python and importing torch
     return result
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -34,7 +31,7 @@ from avdsl.compiler import compile_graph
 from avdsl.runtime.trial import random_batch
 
 from .step import make_step, time_steps
-from .timing import machine_peaks, peak_memory_bytes, peak_tflops
+from .timing import ChildFailed, machine_peaks, peak_memory_bytes, peak_tflops, run_child
 
 SPEC = "cav-mae"
 # (who, mode, precision): the rows of the table, in order; the first is the reference of the ratios
@@ -122,15 +119,14 @@ def once(who: str, mode: str, precision: str, batch: int, reps: int, checkout: s
 
 def _subprocess(config: tuple, batch: int, reps: int, checkout: str, timm_dir: str | None, device: str) -> dict:
     who, mode, precision = config
-    command = [sys.executable, "-m", "benchmarks", "reference-cavmae-once", who, mode, precision, "--batch", str(batch),
-               "--reps", str(reps), "--reference", checkout, "--device", device]
+    args = ["reference-cavmae-once", who, mode, precision, "--batch", str(batch), "--reps", str(reps),
+            "--reference", checkout, "--device", device]
     if timm_dir:
-        command += ["--timm", timm_dir]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                          env=dict(os.environ))
-    if done.returncode:
-        return {"failed": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        args += ["--timm", timm_dir]
+    try:
+        return run_child(args)
+    except ChildFailed as failed:
+        return {"failed": str(failed)[:200]}
 
 
 def run(checkout: str, timm_dir: str | None, batch: int, reps: int, device: str = "cpu") -> dict:

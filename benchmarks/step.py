@@ -21,10 +21,6 @@ Every configuration runs in a fresh process (``step-once``), so its peak memory 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +33,7 @@ from avdsl.runtime.train.master import Bf16Copy
 from avdsl.runtime.trial import random_batch
 
 from .compile import compile_model
-from .timing import machine_peaks, peak_memory_bytes, peak_tflops
+from .timing import machine_peaks, peak_memory_bytes, peak_tflops, run_child
 
 MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("compiled", "fp32"), ("eager", "bf16w"),
          ("compiled", "bf16w"))
@@ -113,14 +109,8 @@ def _subprocess(spec: str, batch: int, config: tuple, reps: int, scope: str) -> 
     mode, precision, attention = config
     if Path(spec).is_file():  # the child runs in the repository root
         spec = str(Path(spec).resolve())
-    command = [sys.executable, "-m", "benchmarks", "--batch", str(batch), "--reps", str(reps), "--scope", scope,
-               "--attention", attention, "--", "step-once", spec, mode, precision]  # after --: never an option
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                          env=dict(os.environ))
-    if done.returncode:
-        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-        raise RuntimeError(last)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(["--batch", str(batch), "--reps", str(reps), "--scope", scope, "--attention", attention,
+                      "--", "step-once", spec, mode, precision])  # after --: never an option
 
 
 def time_steps(step, reps: int, sync=lambda: None) -> dict:

@@ -1,10 +1,36 @@
 """Timing helpers shared by the benchmarks: best-of-N wall time and the machine's matmul peak."""
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root, where `python -m benchmarks` runs
+
+
+class ChildFailed(RuntimeError):
+    """A benchmark child process exited with an error; the message is the last line of its stderr."""
+
+    def __init__(self, message: str, stderr: str):
+        super().__init__(message)
+        self.stderr = stderr
+
+
+def run_child(args: list[str], env: dict | None = None) -> dict:
+    """``python -m benchmarks ARGS`` in a fresh process (one configuration whose memory and caches are
+    its own); the JSON object it prints on its last line. Raises `ChildFailed`."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ) if env is None else env)
+    if done.returncode:
+        stderr = done.stderr.strip()
+        raise ChildFailed(stderr.splitlines()[-1] if stderr else f"exit {done.returncode}", done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def best_of(fn, reps: int = 3, warmup: int = 1) -> float:
